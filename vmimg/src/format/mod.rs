@@ -1,0 +1,277 @@
+//! Format layer: drivers turn guest ranges into mappings; the access handle does the I/O.
+//!
+//! ```text
+//!   Image (access handle: splitting, backing fall-through, alignment, concurrency)
+//!     |-- layer 0: dyn FormatDriver  (the image opened)   --> dyn Storage
+//!     |-- layer 1: dyn FormatDriver  (its backing file)    --> dyn Storage
+//!     '-- ...
+//! ```
+//!
+//! A driver answers "where does guest range X live?" with a [`Mapping`]; the [`Image`] reads
+//! and writes the data itself, outside any driver lock.
+
+mod access;
+mod blocking;
+pub(crate) mod open;
+mod policy;
+
+pub use access::{BlockStatus, BlockStatusKind, Image};
+pub use blocking::BlockingImage;
+pub use open::{ImageOpen, OpenOptions};
+pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, PolicyDecision};
+
+use crate::storage::{BoxFuture, PreallocMode, Storage, StorageExt};
+use crate::{Error, ErrorKind, Result};
+use std::fmt;
+
+/// Image formats vmimg knows by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Format {
+    /// Raw: guest offset equals file offset.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl Format {
+    /// qemu-img's name for the format (`raw`, `qcow2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parses qemu-img's format names.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("Unknown driver '{other}'"),
+            )),
+        }
+    }
+
+    /// Guesses the format from the first bytes of `storage`.
+    ///
+    /// **Not for untrusted images.** A guest that can write to a raw image can make its first
+    /// sector look like a qcow2 header naming any backing file on the host; probing such an
+    /// image would then read a file the user never named. Name the format explicitly for any
+    /// image you did not create yourself.
+    pub async fn probe(storage: &dyn Storage) -> Result<Self> {
+        let mut magic = [0u8; 4];
+        if storage.size()? >= 4 {
+            storage.read_at(0, &mut magic).await?;
+        }
+        Ok(if magic == *b"QFI\xfb" {
+            Format::Qcow2
+        } else {
+            Format::Raw
+        })
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a guest range lives at one layer of the chain.
+#[derive(Clone, Copy, Debug)]
+pub enum MapKind<'a> {
+    /// Stored verbatim at `offset` in `storage`.
+    Data {
+        /// The storage holding the bytes.
+        storage: &'a dyn Storage,
+        /// Host offset of the first byte.
+        offset: u64,
+    },
+    /// Reads as zeros at this layer (a zero cluster, or a hole in a raw file).
+    Zero,
+    /// Not allocated at this layer: reads fall through to the backing image, or are zeros
+    /// without one.
+    Unallocated,
+    /// Compressed; decoded by [`FormatDriver::read_compressed`] with this driver-specific
+    /// descriptor.
+    Compressed(u64),
+}
+
+/// The answer of [`FormatDriver::map`]: a prefix of the asked range, and where it lives.
+#[derive(Clone, Copy, Debug)]
+pub struct Mapping<'a> {
+    /// Length of the prefix described (at least 1 byte, at most the length asked).
+    pub len: u64,
+    /// Where it lives.
+    pub kind: MapKind<'a>,
+}
+
+/// How precise a mapping query must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapQuery {
+    /// For reading: holes may be reported as data (a read of a hole returns zeros anyway),
+    /// which spares a system call per request.
+    Read,
+    /// For status queries (`map`, `convert`): report zero ranges as [`MapKind::Zero`]
+    /// wherever the driver can tell cheaply.
+    Status,
+}
+
+/// The three meanings of discard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscardMode {
+    /// Afterwards the range reads as zeros.
+    ReadsZero,
+    /// Afterwards the range may read as anything (the cheapest; space may be released).
+    ReadsAnything,
+    /// Afterwards the range reads from the backing image (zeros without one).
+    ReadsBacking,
+}
+
+/// Where the bytes of a guest range are to be written (see [`FormatDriver::map_for_write`]).
+#[derive(Clone, Copy, Debug)]
+pub struct WriteTarget<'a> {
+    /// Length of the prefix described.
+    pub len: u64,
+    /// The storage to write to.
+    pub storage: &'a dyn Storage,
+    /// Host offset of the first byte.
+    pub offset: u64,
+}
+
+/// Facts about an open image for `info`.
+#[derive(Clone, Debug, Default)]
+pub struct ImageDescription {
+    /// File name of the image, as opened.
+    pub filename: Option<String>,
+    /// Bytes the image occupies on its medium.
+    pub actual_size: Option<u64>,
+    /// The backing file name as stored in the image.
+    pub backing_filename: Option<String>,
+    /// The backing file format as stored in the image.
+    pub backing_format: Option<String>,
+    /// Whether the image is marked dirty.
+    pub dirty: bool,
+}
+
+/// A format driver: maps guest ranges of one image layer and changes its metadata.
+///
+/// Contract: callers (the [`Image`]) only ask about ranges inside `[0, size())`, with
+/// non-zero lengths; writes only come while [`FormatDriver::is_writable`] is true.
+pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
+    /// The format.
+    fn format(&self) -> Format;
+
+    /// The virtual (guest) size in bytes.
+    fn size(&self) -> u64;
+
+    /// Whether the layer accepts writes.
+    fn is_writable(&self) -> bool;
+
+    /// The main storage (the image file itself).
+    fn storage(&self) -> &dyn Storage;
+
+    /// Guest request alignment this layer needs for writes (1: none).
+    fn request_align(&self) -> usize {
+        self.storage().request_align()
+    }
+
+    /// Describes the longest prefix of `[offset, offset + len)` that lives in one place.
+    fn map(&self, offset: u64, len: u64, query: MapQuery) -> BoxFuture<'_, Result<Mapping<'_>>>;
+
+    /// Decodes a compressed range described by `descriptor` (from [`MapKind::Compressed`]);
+    /// `skip` bytes into the decoded cluster data, filling `buf`.
+    fn read_compressed<'a>(
+        &'a self,
+        _descriptor: u64,
+        _skip: u64,
+        _buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "this format has no compressed clusters",
+            ))
+        })
+    }
+
+    /// Makes a prefix of `[offset, offset + len)` writable (allocating, copying on write from
+    /// `below` where a partial cluster needs it) and says where its bytes go.
+    fn map_for_write<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<WriteTarget<'a>>>;
+
+    /// Makes the range read as zeros at this layer (not falling through to `below`).
+    /// `may_unmap` allows releasing the space.
+    fn write_zeroes<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// Discards the range with the given meaning.
+    fn discard<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        mode: DiscardMode,
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// Changes the virtual size.
+    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, Result<()>>;
+
+    /// Writes cached metadata to storage and flushes the storage.
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// [`FormatDriver::flush`], then makes everything durable.
+    fn sync(&self) -> BoxFuture<'_, Result<()>>;
+
+    /// Drops cached metadata so the next access re-reads it (another process changed the
+    /// image).
+    fn invalidate_cache(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Facts for `info`.
+    fn describe(&self) -> ImageDescription {
+        let storage = self.storage();
+        ImageDescription {
+            filename: storage.path().map(|p| p.display().to_string()),
+            actual_size: storage.allocated_size(),
+            ..ImageDescription::default()
+        }
+    }
+}
+
+/// A read-only view of the layers below one layer of a chain (for copy-on-write).
+#[derive(Clone, Copy, Debug)]
+pub struct ChainView<'a> {
+    layers: &'a [std::sync::Arc<dyn FormatDriver>],
+}
+
+impl<'a> ChainView<'a> {
+    /// An empty chain: reads return zeros.
+    pub fn empty() -> Self {
+        ChainView { layers: &[] }
+    }
+
+    /// Whether there is no layer.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Reads guest data through these layers; past the end of the chain (or of a shorter
+    /// layer) reads return zeros.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        access::read_chain(self.layers, offset, vec![buf]).await
+    }
+}

@@ -1,0 +1,50 @@
+//! vmimg: virtual-machine disk images — storage, formats and one access layer.
+//!
+//! ```text
+//!  Image (access: split on mappings, backing fall-through, alignment, concurrency)
+//!    |
+//!  FormatDriver: raw | qcow2 (later)      -- guest ranges -> mappings
+//!    |
+//!  Storage: file | memory | null           -- host bytes on a medium
+//! ```
+//!
+//! Open an image with [`ImageOpen`] (any format) or a format's own builder ([`RawOpen`]);
+//! create one with a format's create builder ([`RawCreate`]). Every file an image names
+//! itself is opened through an [`ImplicitOpenPolicy`]. All futures are `Send`; file I/O runs
+//! on tokio's blocking pool, so the crate must be used inside a tokio runtime (or through
+//! [`BlockingImage`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> vmimg::Result<()> {
+//! use std::sync::Arc;
+//! use vmimg::{MemoryStorage, RawCreate, RawOpen};
+//!
+//! let storage = Arc::new(MemoryStorage::new());
+//! RawCreate::new(1 << 20).create_on(storage.as_ref()).await?;
+//! let image = RawOpen::storage(storage).writable(true).open().await?;
+//! image.write(4096, b"hello").await?;
+//! let mut buf = [0u8; 5];
+//! image.read(4096, &mut buf).await?;
+//! assert_eq!(&buf, b"hello");
+//! image.flush().await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod format;
+pub mod io_buf;
+pub mod raw;
+pub mod storage;
+
+pub use error::{Error, ErrorKind, Result};
+pub use format::{
+    BlockStatus, BlockStatusKind, BlockingImage, DiscardMode, Format, FormatDriver, Image,
+    ImageOpen, ImplicitOpenPolicy, OpenOptions, PolicyDecision,
+};
+pub use raw::{RawCreate, RawOpen};
+pub use storage::{
+    FileStorage, FileStorageOpen, MemoryStorage, NullStorage, PreallocMode, Storage, StorageExt,
+};

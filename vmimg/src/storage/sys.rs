@@ -1,0 +1,77 @@
+//! Linux system calls the standard library does not wrap: `fallocate`, `lseek` with
+//! `SEEK_DATA`/`SEEK_HOLE`, and `statx` for direct-I/O alignment. All `unsafe` of the file
+//! storage lives here; every function takes a borrowed `File`, so the descriptor is open for
+//! the duration of the call.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// `fallocate(fd, mode, offset, len)`.
+pub(super) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    loop {
+        // SAFETY: the descriptor comes from a live `&File`; fallocate reads no user memory.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// `lseek(fd, offset, whence)`, returning `Ok(None)` for ENXIO (no data/hole past `offset`).
+pub(super) fn seek_data_hole(
+    file: &File,
+    offset: u64,
+    whence: libc::c_int,
+) -> io::Result<Option<u64>> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: the descriptor comes from a live `&File`; lseek touches no user memory. The file
+    // position it moves is never used: all data I/O is positional (pread/pwrite).
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
+/// Direct-I/O alignment `(memory, offset)` of an open file, from `statx(STATX_DIOALIGN)`;
+/// `None` where the kernel or file system does not say.
+pub(super) fn dio_alignment(file: &File) -> Option<(usize, usize)> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: the descriptor comes from a live `&File`, the empty path with AT_EMPTY_PATH asks
+    // about that descriptor, and `stx` is a valid, writable statx buffer.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            stx.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statx returned 0, so it filled the buffer (which was zeroed before, so every
+    // field not filled is a valid zero integer).
+    let stx = unsafe { stx.assume_init() };
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((
+        stx.stx_dio_mem_align as usize,
+        stx.stx_dio_offset_align as usize,
+    ))
+}
