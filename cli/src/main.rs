@@ -1,1 +1,93 @@
-fn main() {}
+//! `vmimg`: qemu-img's language over the vmimg library.
+
+mod compare;
+mod convert;
+mod create;
+mod info;
+mod io;
+mod size;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use vmimg::{Error, ErrorKind, Format, Image, ImageOpen};
+
+/// Disk-image toolkit: inspect, create, convert, compare and exercise VM disk images.
+#[derive(Parser, Debug)]
+#[command(name = "vmimg", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show information about an image (like `qemu-img info`).
+    Info(info::InfoArgs),
+    /// Create a new image (like `qemu-img create`).
+    Create(create::CreateArgs),
+    /// Convert images between formats, keeping holes (like `qemu-img convert`).
+    Convert(convert::ConvertArgs),
+    /// Compare the guest contents of two images (like `qemu-img compare`).
+    Compare(compare::CompareArgs),
+    /// Run qemu-io commands on an image (like `qemu-io`).
+    Io(io::IoArgs),
+}
+
+/// The result every command returns: an exit status, or an error.
+pub type CmdResult = Result<u8, Error>;
+
+/// Opens an image read-only or writable, with the named format or a probed one.
+pub async fn open_image(
+    path: &str,
+    format: Option<&str>,
+    writable: bool,
+    direct: bool,
+) -> Result<Image, Error> {
+    let mut open = ImageOpen::path(path).writable(writable).direct(direct);
+    if let Some(f) = format {
+        open = open.format(Format::from_name(f)?);
+    }
+    open.open().await
+}
+
+/// An error about the command line itself.
+pub fn usage_error(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Exit status on error: 2 for compare (1 means "different" there), 1 elsewhere.
+    let error_status = match cli.cmd {
+        Cmd::Compare(_) => 2,
+        _ => 1,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmimg: cannot start the runtime: {e}");
+            return ExitCode::from(error_status);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Info(a) => info::run(a).await,
+            Cmd::Create(a) => create::run(a).await,
+            Cmd::Convert(a) => convert::run(a).await,
+            Cmd::Compare(a) => compare::run(a).await,
+            Cmd::Io(a) => io::run(a).await,
+        }
+    });
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("vmimg: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(error_status)
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! `vmimg convert`: mapping-driven, parallel copy that keeps holes.
+
+use crate::create::{parse_options, raw_create_from_options};
+use crate::size::parse_size;
+use crate::{open_image, usage_error, CmdResult};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::task::JoinSet;
+use vmimg::{BlockStatusKind, Error, ErrorKind, Format, Image, RawOpen};
+
+/// Size of one copy job.
+const CHUNK: u64 = 2 << 20;
+/// Longest range asked of block_status at once.
+const STATUS_SPAN: u64 = 1 << 30;
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source format (probed when absent; do not probe untrusted images).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Output format options (`preallocation=...`).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Do not create the target: write into an existing image of sufficient size.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Consecutive zero bytes that are skipped (left as holes); 0 writes every byte.
+    #[arg(short = 'S', default_value = "4k")]
+    sparse_size: String,
+    /// Parallel copy jobs.
+    #[arg(short = 'm', default_value_t = 8)]
+    jobs: usize,
+    /// Allow out-of-order writes (always the case here; accepted for compatibility).
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Compress the output.
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Source images (concatenated) followed by the output image.
+    #[arg(num_args = 2.., required = true)]
+    files: Vec<String>,
+}
+
+/// Byte ranges of `buf` that are not all-zero, at `block` granularity (0: the whole buffer).
+pub fn nonzero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize)> {
+    let block = if block == 0 { buf.len().max(1) } else { block };
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, piece) in buf.chunks(block).enumerate() {
+        if is_zero(piece) {
+            continue;
+        }
+        let start = i * block;
+        let end = start + piece.len();
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// Whether every byte is zero: the first byte is zero and every byte equals its neighbour
+/// (one overlapping `memcmp`, which runs at memory speed).
+pub fn is_zero(buf: &[u8]) -> bool {
+    match buf.split_first() {
+        None => true,
+        Some((&first, rest)) => first == 0 && rest == &buf[..buf.len() - 1],
+    }
+}
+
+struct Job {
+    src: Image,
+    dst: Image,
+    src_off: u64,
+    dst_off: u64,
+    len: u64,
+    sparse: usize,
+    fresh: bool,
+}
+
+impl Job {
+    async fn run(self) -> Result<u64, Error> {
+        let mut buf = vec![0u8; self.len as usize];
+        self.src.read(self.src_off, &mut buf).await?;
+        if self.sparse == 0 && !self.fresh {
+            self.dst.write(self.dst_off, &buf).await?;
+            return Ok(self.len);
+        }
+        let runs = nonzero_runs(&buf, self.sparse);
+        let mut pos = 0usize;
+        for (start, end) in runs {
+            if !self.fresh && start > pos {
+                self.dst
+                    .write_zeroes(self.dst_off + pos as u64, (start - pos) as u64, true)
+                    .await?;
+            }
+            self.dst
+                .write(self.dst_off + start as u64, &buf[start..end])
+                .await?;
+            pos = end;
+        }
+        if !self.fresh && pos < buf.len() {
+            self.dst
+                .write_zeroes(self.dst_off + pos as u64, (buf.len() - pos) as u64, true)
+                .await?;
+        }
+        Ok(self.len)
+    }
+}
+
+pub async fn run(args: ConvertArgs) -> CmdResult {
+    let (dst_name, src_names) = args.files.split_last().expect("clap requires two files");
+    let out_format = Format::from_name(&args.out_format)?;
+    if out_format != Format::Raw {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("converting to {out_format} is not supported yet"),
+        ));
+    }
+    if args.compress {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "Compression not supported for this file format",
+        ));
+    }
+    let sparse = parse_size(&args.sparse_size).map_err(usage_error)? as usize;
+    let jobs = args.jobs.clamp(1, 64);
+
+    let mut sources = Vec::new();
+    let mut total = 0u64;
+    for name in src_names {
+        let img = open_image(name, args.format.as_deref(), false, false).await?;
+        total = total
+            .checked_add(img.size())
+            .ok_or_else(|| usage_error("total source size overflows"))?;
+        sources.push(img);
+    }
+
+    let opts = parse_options(&args.options)?;
+    let dst = if args.no_create {
+        let dst = RawOpen::path(dst_name).writable(true).open().await?;
+        if dst.size() < total {
+            return Err(usage_error(format!(
+                "target '{dst_name}' is smaller ({}) than the source ({total})",
+                dst.size()
+            )));
+        }
+        dst
+    } else {
+        let (create, _, _) = raw_create_from_options(Some(total), &opts)?;
+        create
+            .create(dst_name)
+            .await
+            .map_err(|e| e.with_operation("create"))?;
+        RawOpen::path(dst_name).writable(true).open().await?
+    };
+    let fresh = !args.no_create;
+
+    let bar = (args.progress && !args.quiet).then(|| {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {percent:>3}% {bytes}/{total_bytes} ({eta})")
+                .expect("static progress template"),
+        );
+        bar
+    });
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = |n: u64| {
+        let d = done.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(b) = &bar {
+            b.set_position(d);
+        }
+    };
+
+    let mut set: JoinSet<Result<u64, Error>> = JoinSet::new();
+    let mut base = 0u64;
+    for src in &sources {
+        let size = src.size();
+        let mut off = 0u64;
+        while off < size {
+            let st = src.block_status(off, (size - off).min(STATUS_SPAN)).await?;
+            match st.kind {
+                BlockStatusKind::Zero | BlockStatusKind::Unallocated => {
+                    if !fresh {
+                        dst.write_zeroes(base + off, st.len, true).await?;
+                    }
+                    progress(st.len);
+                }
+                BlockStatusKind::Data { .. } | BlockStatusKind::Compressed => {
+                    let mut pos = off;
+                    while pos < off + st.len {
+                        let len = CHUNK.min(off + st.len - pos);
+                        while set.len() >= jobs {
+                            progress(join_one(&mut set).await?);
+                        }
+                        set.spawn(
+                            Job {
+                                src: src.clone(),
+                                dst: dst.clone(),
+                                src_off: pos,
+                                dst_off: base + pos,
+                                len,
+                                sparse,
+                                fresh,
+                            }
+                            .run(),
+                        );
+                        pos += len;
+                    }
+                }
+            }
+            off += st.len;
+        }
+        base += size;
+    }
+    while !set.is_empty() {
+        progress(join_one(&mut set).await?);
+    }
+    dst.sync().await?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    Ok(0)
+}
+
+async fn join_one(set: &mut JoinSet<Result<u64, Error>>) -> Result<u64, Error> {
+    match set.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(Error::new(ErrorKind::Io, "copy task failed").with_source(e)),
+        None => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_runs_merge_adjacent_blocks_and_skip_zero_blocks() {
+        let mut buf = vec![0u8; 16384];
+        buf[10] = 1;
+        buf[4096] = 1;
+        buf[12287] = 1;
+        assert_eq!(nonzero_runs(&buf, 4096), vec![(0, 12288)]);
+        buf[1] = 0;
+        buf[10] = 0;
+        assert_eq!(nonzero_runs(&buf, 4096), vec![(4096, 12288)]);
+        buf[16383] = 9;
+        assert_eq!(nonzero_runs(&buf, 4096), vec![(4096, 16384)]);
+        buf[8192..].fill(0);
+        buf[16000] = 1;
+        assert_eq!(nonzero_runs(&buf, 4096), vec![(4096, 8192), (12288, 16384)]);
+        assert_eq!(nonzero_runs(&[0u8; 100], 4096), vec![]);
+        assert_eq!(nonzero_runs(&buf, 0), vec![(0, 16384)]);
+    }
+
+    #[test]
+    fn is_zero_sees_a_single_set_byte_anywhere() {
+        for i in 0..37 {
+            let mut b = vec![0u8; 37];
+            assert!(is_zero(&b));
+            b[i] = 0x80;
+            assert!(!is_zero(&b), "byte {i}");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Test helpers: run vmimg and QEMU's tools in temporary directories.
+//!
+//! QEMU's tools are required: when one is missing, the test fails with a message naming the
+//! Debian package (`qemu-utils`) rather than passing quietly.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The vmimg binary under test.
+pub fn vmimg_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmimg"))
+}
+
+/// Finds a QEMU tool on PATH or fails the test naming the package that provides it.
+pub fn qemu_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "`{name}` is not installed: these interop tests need QEMU's tools. \
+         Install the Debian package `qemu-utils` (apt-get install -y qemu-utils)."
+    );
+}
+
+/// Result of running a command, with helpers for assertions.
+#[derive(Debug)]
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            status: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Panics with both output streams unless the exit status is `expected`.
+    pub fn expect_status(self, expected: i32) -> Self {
+        assert_eq!(
+            self.status, expected,
+            "unexpected exit status\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn ok(self) -> Self {
+        self.expect_status(0)
+    }
+}
+
+fn run(mut cmd: Command) -> Run {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out.into()
+}
+
+/// Runs `vmimg ARGS...`.
+pub fn vmimg<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut c = Command::new(vmimg_bin());
+    c.args(args);
+    run(c)
+}
+
+/// Runs `qemu-img ARGS...`.
+pub fn qemu_img<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut c = Command::new(qemu_tool("qemu-img"));
+    c.args(args);
+    run(c)
+}
+
+/// Runs `qemu-io ARGS...`.
+pub fn qemu_io<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut c = Command::new(qemu_tool("qemu-io"));
+    c.args(args);
+    run(c)
+}
+
+/// A temporary directory for one test.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vmimg-test-")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// `path` as a &str (test paths are always UTF-8).
+pub fn s(path: &Path) -> &str {
+    path.to_str().expect("utf-8 test path")
+}
+
+/// Bytes allocated on disk for a file.
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// The data lines of qemu-io output (without the timing lines, which differ run to run).
+pub fn io_data_lines(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| !l.contains(" ops; ") && !l.trim().is_empty())
+        .collect()
+}
