@@ -63,8 +63,7 @@ fn parse_words<'a>(
             }
             break;
         }
-        let mut chars = w[1..].char_indices();
-        while let Some((pos, c)) = chars.next() {
+        for (pos, c) in w[1..].char_indices() {
             if !allowed.contains(c) && !with_value.contains(c) {
                 return Err(format!("invalid option -- '{c}'"));
             }

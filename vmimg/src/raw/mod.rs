@@ -11,6 +11,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// Raw images are sized in whole 512-byte sectors, as in QEMU: a file whose length is not a
+/// multiple reads as zeros up to the next sector boundary.
+const SECTOR: u64 = 512;
+
+fn round_to_sector(size: u64) -> u64 {
+    size.div_ceil(SECTOR).saturating_mul(SECTOR)
+}
+
 /// The raw driver. Holes in the storage are reported as zeros by status queries.
 #[derive(Debug)]
 pub struct RawDriver {
@@ -21,8 +29,24 @@ pub struct RawDriver {
 
 impl RawDriver {
     /// A raw layer over `storage`, writable if the storage is and `writable` is set.
+    ///
+    /// The virtual size is the storage size rounded up to a whole sector. A writable image on
+    /// a storage that needs aligned requests (direct I/O) must have an aligned size, or its
+    /// last block could not be written without growing the file: that is refused, as QEMU
+    /// does.
     pub fn new(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
-        let size = storage.size()?;
+        let host_size = storage.size()?;
+        let align = storage.request_align() as u64;
+        if writable && align > 1 && host_size % align != 0 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "image size {host_size} is not a multiple of the request alignment {align}: \
+                     cannot write it with direct I/O"
+                ),
+            ));
+        }
+        let size = round_to_sector(host_size);
         Ok(RawDriver {
             writable: writable && storage.is_writable(),
             storage,
@@ -116,7 +140,8 @@ impl FormatDriver for RawDriver {
     fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.storage.resize(new_size, prealloc).await?;
-            self.size.store(new_size, Ordering::Release);
+            self.size
+                .store(round_to_sector(new_size), Ordering::Release);
             Ok(())
         })
     }
@@ -134,7 +159,8 @@ impl FormatDriver for RawDriver {
 
     fn invalidate_cache(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.size.store(self.storage.size()?, Ordering::Release);
+            self.size
+                .store(round_to_sector(self.storage.size()?), Ordering::Release);
             Ok(())
         })
     }
@@ -205,10 +231,11 @@ pub struct RawCreate {
 }
 
 impl RawCreate {
-    /// An image of `size` bytes, sparse unless told otherwise.
+    /// An image of `size` bytes rounded up to a whole 512-byte sector (as qemu-img does),
+    /// sparse unless told otherwise.
     pub fn new(size: u64) -> Self {
         RawCreate {
-            size,
+            size: round_to_sector(size),
             prealloc: PreallocMode::Off,
         }
     }
@@ -217,6 +244,11 @@ impl RawCreate {
     pub fn preallocation(mut self, prealloc: PreallocMode) -> Self {
         self.prealloc = prealloc;
         self
+    }
+
+    /// The size the image will have.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// Creates (or truncates) the file at `path`.
@@ -233,5 +265,65 @@ impl RawCreate {
         storage.resize(0, PreallocMode::Off).await?;
         storage.resize(self.size, self.prealloc).await?;
         storage.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemoryStorage, StorageExt};
+
+    #[tokio::test]
+    async fn create_rounds_size_up_to_a_sector_like_qemu_img() {
+        let s = MemoryStorage::new();
+        RawCreate::new(1000).create_on(&s).await.unwrap();
+        assert_eq!(s.size().unwrap(), 1024);
+        assert_eq!(RawCreate::new(0).size(), 0);
+    }
+
+    #[tokio::test]
+    async fn odd_sized_file_has_a_sector_rounded_virtual_size_reading_zeros() {
+        let s: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(&[7u8; 1000]));
+        let img = RawOpen::storage(s).open().await.unwrap();
+        assert_eq!(img.size(), 1024);
+        let mut buf = [1u8; 24];
+        img.read(1000, &mut buf).await.unwrap();
+        assert_eq!(buf, [0u8; 24]);
+    }
+
+    #[tokio::test]
+    async fn writable_direct_open_of_unaligned_file_is_refused_like_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("odd.raw");
+        std::fs::write(&p, [3u8; 1000]).unwrap();
+        let direct = match FileStorageOpen::new(&p)
+            .writable(true)
+            .direct(true)
+            .open()
+            .await
+        {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                panic!("the temp dir does not support O_DIRECT: {e}")
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let err = RawDriver::new(Arc::new(direct), true).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert!(err.to_string().contains("not a multiple"), "{err}");
+        // Read-only direct opens are fine: reads bounce through aligned buffers.
+        let img = RawOpen::path(&p).direct(true).open().await.unwrap();
+        let mut buf = [9u8; 124];
+        img.read(900, &mut buf).await.unwrap();
+        assert_eq!(buf[..100], [3u8; 100]);
+        assert_eq!(buf[100..], [0u8; 24]);
+        let mut block = [9u8; 512];
+        img.driver()
+            .storage()
+            .read_at(512, &mut block)
+            .await
+            .unwrap();
+        assert_eq!(block[..488], [3u8; 488]);
+        assert_eq!(block[488..], [0u8; 24]);
     }
 }

@@ -75,3 +75,63 @@ pub(super) fn dio_alignment(file: &File) -> Option<(usize, usize)> {
         stx.stx_dio_offset_align as usize,
     ))
 }
+
+/// `preadv2(fd, bufs, offset, RWF_NOWAIT)`: reads only what the page cache holds, never
+/// waiting for the device (`EAGAIN` otherwise). Returns the bytes read.
+pub(super) fn preadv2_nowait(
+    file: &File,
+    bufs: &mut [std::io::IoSliceMut<'_>],
+    offset: u64,
+) -> io::Result<usize> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let count = libc::c_int::try_from(bufs.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `IoSliceMut` is guaranteed ABI-compatible with `struct iovec` on Unix; every
+    // slice is a live, exclusive borrow for the duration of this synchronous call, and the
+    // descriptor comes from a live `&File`.
+    let r = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            bufs.as_mut_ptr().cast::<libc::iovec>(),
+            count,
+            off,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// `pwritev2(fd, bufs, offset, RWF_NOWAIT)`: writes into the page cache only if that needs no
+/// waiting (`EAGAIN` otherwise). Returns the bytes written.
+pub(super) fn pwritev2_nowait(
+    file: &File,
+    bufs: &[std::io::IoSlice<'_>],
+    offset: u64,
+) -> io::Result<usize> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let count = libc::c_int::try_from(bufs.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix; every slice
+    // is a live borrow for the duration of this synchronous call, and the descriptor comes
+    // from a live `&File`.
+    let r = unsafe {
+        libc::pwritev2(
+            file.as_raw_fd(),
+            bufs.as_ptr().cast::<libc::iovec>(),
+            count,
+            off,
+            libc::RWF_NOWAIT,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
