@@ -36,14 +36,16 @@
 mod error;
 pub mod format;
 pub mod io_buf;
+pub mod qcow2;
 pub mod raw;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::{
     BlockStatus, BlockStatusKind, BlockingImage, DiscardMode, Format, FormatDriver, Image,
-    ImageOpen, ImplicitOpenPolicy, OpenOptions, PolicyDecision,
+    ImageDescription, ImageOpen, ImplicitOpenPolicy, OpenOptions, PolicyDecision,
 };
+pub use qcow2::Qcow2Open;
 pub use raw::{RawCreate, RawOpen};
 pub use storage::{
     FileStorage, FileStorageOpen, MemoryStorage, NullStorage, PreallocMode, Storage, StorageExt,

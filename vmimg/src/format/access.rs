@@ -266,7 +266,7 @@ impl Image {
         Self::from_layers(layers, true)
     }
 
-    fn from_layers(layers: Vec<Arc<dyn FormatDriver>>, owner: bool) -> Self {
+    pub(crate) fn from_layers(layers: Vec<Arc<dyn FormatDriver>>, owner: bool) -> Self {
         Image {
             inner: Arc::new(Inner {
                 layers,

@@ -17,7 +17,7 @@ mod policy;
 
 pub use access::{BlockStatus, BlockStatusKind, Image};
 pub use blocking::BlockingImage;
-pub use open::{ImageOpen, OpenOptions};
+pub use open::{ImageOpen, OpenOptions, DEFAULT_MAX_CHAIN_DEPTH};
 pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, PolicyDecision};
 
 use crate::storage::{BoxFuture, PreallocMode, Storage, StorageExt};
@@ -142,6 +142,67 @@ pub struct WriteTarget<'a> {
     pub offset: u64,
 }
 
+/// An internal snapshot, as `info` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Unique ID.
+    pub id: String,
+    /// Name (tag).
+    pub name: String,
+    /// Size of the saved VM state in bytes.
+    pub vm_state_size: u64,
+    /// Seconds since the Epoch when taken.
+    pub date_sec: u32,
+    /// Nanoseconds part of that time.
+    pub date_nsec: u32,
+    /// Guest run time in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Record/replay instruction count, if recorded.
+    pub icount: Option<i64>,
+}
+
+/// A persistent dirty bitmap, as `info` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Name.
+    pub name: String,
+    /// Bytes of guest data one bit covers.
+    pub granularity: u64,
+    /// Flags as qemu-img names them (`in-use`, `auto`).
+    pub flags: Vec<&'static str>,
+}
+
+/// qcow2 facts for `info` (qemu-img's `format-specific.data`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Qcow2Specific {
+    /// `0.10` (v2) or `1.1` (v3).
+    pub compat: &'static str,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// The corrupt bit.
+    pub corrupt: bool,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// External data file name.
+    pub data_file: Option<String>,
+    /// Whether the data file is raw (present only with a data file).
+    pub data_file_raw: Option<bool>,
+    /// Persistent bitmaps.
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// Format-specific facts for `info`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FormatSpecific {
+    /// qcow2.
+    Qcow2(Qcow2Specific),
+}
+
 /// Facts about an open image for `info`.
 #[derive(Clone, Debug, Default)]
 pub struct ImageDescription {
@@ -155,6 +216,12 @@ pub struct ImageDescription {
     pub backing_format: Option<String>,
     /// Whether the image is marked dirty.
     pub dirty: bool,
+    /// Cluster size, for formats that have clusters.
+    pub cluster_size: Option<u64>,
+    /// Internal snapshots.
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Format-specific facts.
+    pub format_specific: Option<FormatSpecific>,
 }
 
 /// A format driver: maps guest ranges of one image layer and changes its metadata.
@@ -182,12 +249,13 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
     /// Describes the longest prefix of `[offset, offset + len)` that lives in one place.
     fn map(&self, offset: u64, len: u64, query: MapQuery) -> BoxFuture<'_, Result<Mapping<'_>>>;
 
-    /// Decodes a compressed range described by `descriptor` (from [`MapKind::Compressed`]);
-    /// `skip` bytes into the decoded cluster data, filling `buf`.
+    /// Decodes the compressed cluster described by `descriptor` (from
+    /// [`MapKind::Compressed`]) and fills `buf` with its bytes from guest offset
+    /// `guest_offset` on (`buf` does not cross the cluster).
     fn read_compressed<'a>(
         &'a self,
         _descriptor: u64,
-        _skip: u64,
+        _guest_offset: u64,
         _buf: &'a mut [u8],
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async {

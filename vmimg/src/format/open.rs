@@ -1,11 +1,17 @@
 //! Open builders shared by every format, and the format-dispatching [`ImageOpen`].
 
-use super::{Format, Image, ImplicitOpenPolicy};
-use crate::raw::RawOpen;
+use super::{
+    Format, FormatDriver, Image, ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest,
+};
+use crate::qcow2::{self, Qcow2Driver, Qcow2Params};
+use crate::raw::RawDriver;
 use crate::storage::{FileStorageOpen, Storage};
 use crate::{Error, ErrorKind, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Default limit on the number of layers in a backing chain.
+pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 1024;
 
 /// Where an image's bytes come from.
 #[derive(Clone, Debug)]
@@ -40,19 +46,56 @@ impl Source {
 }
 
 /// Options every format's open builder understands.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct OpenOptions {
     pub(crate) writable: bool,
     pub(crate) direct: bool,
     pub(crate) policy: ImplicitOpenPolicy,
     pub(crate) backing: Option<Image>,
     pub(crate) data_file: Option<Arc<dyn Storage>>,
+    pub(crate) l2_cache_bytes: u64,
+    pub(crate) snapshot: Option<String>,
+    pub(crate) max_chain_depth: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            direct: false,
+            policy: ImplicitOpenPolicy::default(),
+            backing: None,
+            data_file: None,
+            l2_cache_bytes: qcow2::DEFAULT_L2_CACHE_BYTES,
+            snapshot: None,
+            max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+        }
+    }
 }
 
 impl OpenOptions {
     /// Read-only, buffered, permissive implicit-open policy, backing as the image names it.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Memory for cached L2 tables of each qcow2 layer, in bytes (default 32 MiB; at least
+    /// 16 tables are kept whatever the budget).
+    pub fn l2_cache_size(mut self, bytes: u64) -> Self {
+        self.l2_cache_bytes = bytes;
+        self
+    }
+
+    /// Open an internal snapshot (by ID or name) read-only instead of the active state.
+    pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
+        self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Refuse backing chains with more than `depth` layers (default 1024).
+    pub fn max_chain_depth(mut self, depth: usize) -> Self {
+        self.max_chain_depth = depth.max(1);
+        self
     }
 
     /// Open for writing too.
@@ -147,27 +190,240 @@ impl ImageOpen {
         self
     }
 
+    /// The policy for files named inside the image (see [`OpenOptions::policy`]).
+    pub fn policy(mut self, policy: ImplicitOpenPolicy) -> Self {
+        self.opts = self.opts.policy(policy);
+        self
+    }
+
+    /// Open an internal snapshot read-only (see [`OpenOptions::snapshot`]).
+    pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
+        self.opts = self.opts.snapshot(id_or_name);
+        self
+    }
+
     /// Opens the image.
     pub async fn open(self) -> Result<Image> {
         let path = match &self.source {
             Source::Path(p) => Some(p.clone()),
             Source::Storage(_) => None,
         };
-        let storage = self.source.open(&self.opts).await?;
-        let format = match self.format {
-            Some(f) => f,
-            None => Format::probe(storage.as_ref()).await?,
-        };
-        let result = match format {
-            Format::Raw => RawOpen::storage(storage).options(self.opts).open().await,
-            Format::Qcow2 => Err(Error::new(
-                ErrorKind::Unsupported,
-                "qcow2 images are not supported yet",
-            )),
-        };
+        let result = async {
+            let storage = self.source.open(&self.opts).await?;
+            open_chain(storage, self.format, &self.opts).await
+        }
+        .await;
         result.map_err(|e| match path {
             Some(p) => e.with_operation("open").with_path(p),
             None => e.with_operation("open"),
         })
     }
 }
+
+/// The file behind a storage, canonicalised, for backing-loop detection.
+fn identity(storage: &dyn Storage) -> Option<PathBuf> {
+    let p = storage.path()?;
+    Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
+}
+
+fn policy_request<'a>(
+    kind: ImplicitOpenKind,
+    name: &'a str,
+    path: &'a Path,
+    named_by: Option<&'a Path>,
+    writable: bool,
+    opts: &OpenOptions,
+) -> ImplicitOpenRequest<'a> {
+    ImplicitOpenRequest {
+        kind,
+        name,
+        path,
+        named_by,
+        writable,
+        direct: opts.direct,
+    }
+}
+
+/// Opens `storage` as an image of `format` (probed when `None`) and, layer by layer, the
+/// backing files it names, through the implicit-open policy. Iterative: chain depth costs no
+/// stack. Refuses loops and chains deeper than [`OpenOptions::max_chain_depth`].
+pub(crate) async fn open_chain(
+    storage: Arc<dyn Storage>,
+    format: Option<Format>,
+    opts: &OpenOptions,
+) -> Result<Image> {
+    let mut layers: Vec<Arc<dyn FormatDriver>> = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let mut current = Some((storage, format));
+    while let Some((storage, format)) = current.take() {
+        let top = layers.is_empty();
+        if layers.len() >= opts.max_chain_depth {
+            return Err(Error::new(
+                ErrorKind::InvalidFormat,
+                format!(
+                    "backing chain is deeper than {} layers",
+                    opts.max_chain_depth
+                ),
+            ));
+        }
+        if let Some(id) = identity(storage.as_ref()) {
+            if seen.contains(&id) {
+                return Err(Error::new(
+                    ErrorKind::InvalidFormat,
+                    format!(
+                        "backing chain loop: '{}' appears twice in the chain",
+                        id.display()
+                    ),
+                ));
+            }
+            seen.push(id);
+        }
+        let format = match format {
+            Some(f) => f,
+            None => Format::probe(storage.as_ref()).await?,
+        };
+        let writable = top && opts.writable;
+        let layer_err = |e: Error| match storage.path() {
+            Some(p) if !top => e.with_path(p),
+            _ => e,
+        };
+        match format {
+            Format::Raw => {
+                if top && (opts.backing.is_some() || opts.data_file.is_some()) {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        "raw images cannot have a backing file or an external data file",
+                    ));
+                }
+                let driver = RawDriver::new(Arc::clone(&storage), writable).map_err(layer_err)?;
+                layers.push(Arc::new(driver));
+            }
+            Format::Qcow2 => {
+                if writable {
+                    return Err(Error::new(
+                        ErrorKind::ReadOnly,
+                        "writing qcow2 images is not supported yet: open it read-only",
+                    ));
+                }
+                if top && opts.snapshot.is_some() && opts.writable {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        "snapshots can only be opened read-only",
+                    ));
+                }
+                let header = qcow2::read_header(storage.as_ref())
+                    .await
+                    .map_err(layer_err)?;
+                let data_file = match (&opts.data_file, &header.data_file) {
+                    (Some(d), _) if top => Some(Arc::clone(d)),
+                    _ if !header.has_data_file() => None,
+                    (_, Some(name)) => {
+                        let resolved = storage.resolve_name(name)?;
+                        let req = policy_request(
+                            ImplicitOpenKind::DataFile,
+                            name,
+                            &resolved.path,
+                            storage.path(),
+                            writable,
+                            opts,
+                        );
+                        Some(opts.policy.open(&req).await.map_err(layer_err)?)
+                    }
+                    (_, None) => None,
+                };
+                let driver = Qcow2Driver::open(Qcow2Params {
+                    file: Arc::clone(&storage),
+                    header: header.clone(),
+                    data_file,
+                    l2_cache_bytes: opts.l2_cache_bytes,
+                    snapshot: if top { opts.snapshot.clone() } else { None },
+                })
+                .await
+                .map_err(layer_err)?;
+                layers.push(Arc::new(driver));
+                if let (true, Some(b)) = (top, &opts.backing) {
+                    // An explicit backing image replaces whatever the image names.
+                    let driver = layers.pop().expect("the top layer was just pushed");
+                    return Ok(Image::from_driver(driver, Some(b.clone())));
+                }
+                if let Some(name) = &header.backing_file {
+                    let resolved = storage.resolve_name(name).map_err(layer_err)?;
+                    let req = policy_request(
+                        ImplicitOpenKind::BackingFile,
+                        name,
+                        &resolved.path,
+                        storage.path(),
+                        false,
+                        opts,
+                    );
+                    let backing = opts.policy.open(&req).await.map_err(|e| {
+                        e.with_operation("open backing file")
+                            .with_path(&resolved.path)
+                    })?;
+                    let backing_format = header
+                        .backing_format
+                        .as_deref()
+                        .map(Format::from_name)
+                        .transpose()?;
+                    current = Some((backing, backing_format));
+                }
+            }
+        }
+    }
+    Ok(Image::from_layers(layers, true))
+}
+
+/// Defines a per-format open builder that shares [`OpenOptions`] and the chain opener.
+macro_rules! format_open_builder {
+    ($(#[$doc:meta])* $name:ident, $format:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug)]
+        pub struct $name {
+            source: $crate::format::open::Source,
+            opts: $crate::format::OpenOptions,
+        }
+
+        impl $name {
+            /// Opens the file at `path`.
+            pub fn path(path: impl Into<std::path::PathBuf>) -> Self {
+                $name {
+                    source: $crate::format::open::Source::Path(path.into()),
+                    opts: $crate::format::OpenOptions::default(),
+                }
+            }
+
+            /// Opens an image held in `storage`.
+            pub fn storage(storage: std::sync::Arc<dyn $crate::storage::Storage>) -> Self {
+                $name {
+                    source: $crate::format::open::Source::Storage(storage),
+                    opts: $crate::format::OpenOptions::default(),
+                }
+            }
+
+            /// Open for writing too.
+            pub fn writable(mut self, writable: bool) -> Self {
+                self.opts = self.opts.writable(writable);
+                self
+            }
+
+            /// Bypass the host page cache (`O_DIRECT`).
+            pub fn direct(mut self, direct: bool) -> Self {
+                self.opts = self.opts.direct(direct);
+                self
+            }
+
+            /// Replaces all options at once.
+            pub fn options(mut self, opts: $crate::format::OpenOptions) -> Self {
+                self.opts = opts;
+                self
+            }
+
+            /// Opens the image (and its backing chain, through the implicit-open policy).
+            pub async fn open(self) -> $crate::Result<$crate::format::Image> {
+                let storage = self.source.open(&self.opts).await?;
+                $crate::format::open::open_chain(storage, Some($format), &self.opts).await
+            }
+        }
+    };
+}
+pub(crate) use format_open_builder;

@@ -1,9 +1,7 @@
 //! The raw format: guest offset N is byte N of the storage.
 
-use crate::format::open::Source;
 use crate::format::{
-    ChainView, DiscardMode, Format, FormatDriver, Image, MapKind, MapQuery, Mapping, OpenOptions,
-    WriteTarget,
+    ChainView, DiscardMode, Format, FormatDriver, MapKind, MapQuery, Mapping, WriteTarget,
 };
 use crate::storage::{BoxFuture, FileStorageOpen, HostExtent, PreallocMode, Storage};
 use crate::{Error, ErrorKind, Result};
@@ -166,62 +164,12 @@ impl FormatDriver for RawDriver {
     }
 }
 
-/// Opens a raw image.
-#[derive(Clone, Debug)]
-pub struct RawOpen {
-    source: Source,
-    opts: OpenOptions,
-}
-
-impl RawOpen {
-    /// Opens the file at `path`.
-    pub fn path(path: impl Into<PathBuf>) -> Self {
-        RawOpen {
-            source: Source::Path(path.into()),
-            opts: OpenOptions::default(),
-        }
-    }
-
-    /// Opens a raw image held in `storage`.
-    pub fn storage(storage: Arc<dyn Storage>) -> Self {
-        RawOpen {
-            source: Source::Storage(storage),
-            opts: OpenOptions::default(),
-        }
-    }
-
-    /// Open for writing too.
-    pub fn writable(mut self, writable: bool) -> Self {
-        self.opts = self.opts.writable(writable);
-        self
-    }
-
-    /// Bypass the host page cache (`O_DIRECT`).
-    pub fn direct(mut self, direct: bool) -> Self {
-        self.opts = self.opts.direct(direct);
-        self
-    }
-
-    /// Replaces all options at once.
-    pub fn options(mut self, opts: OpenOptions) -> Self {
-        self.opts = opts;
-        self
-    }
-
-    /// Opens the image. A raw image has no backing file nor data file: asking for one is an
+crate::format::open::format_open_builder!(
+    /// Opens a raw image. A raw image has no backing file nor data file: asking for one is an
     /// error.
-    pub async fn open(self) -> Result<Image> {
-        if self.opts.backing.is_some() || self.opts.data_file.is_some() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "raw images cannot have a backing file or an external data file",
-            ));
-        }
-        let storage = self.source.open(&self.opts).await?;
-        let driver = RawDriver::new(storage, self.opts.writable)?;
-        Ok(Image::from_driver(Arc::new(driver), None))
-    }
-}
+    RawOpen,
+    Format::Raw
+);
 
 /// Creates a raw image (`qemu-img create -f raw`).
 #[derive(Clone, Copy, Debug)]

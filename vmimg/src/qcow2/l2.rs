@@ -1,0 +1,334 @@
+//! L1/L2 entries and the bounded L2 table cache.
+//!
+//! ```text
+//!  L1 entry:  | 63: copied | 56-62: 0 | 9-55: L2 table offset | 0-8: 0 |
+//!  L2 entry:  | 63: copied | 62: compressed | 0-61: cluster descriptor |
+//!   standard: | 56-61: 0 | 9-55: host cluster offset | 1-8: 0 | 0: reads as zero |
+//!   compressed (x = 62 - (cluster_bits - 8)): | x-61: extra sectors | 0..x-1: host offset |
+//!  extended:  | entry (64 bits) | bitmap: 32-63 zero bits, 0-31 allocated bits |
+//! ```
+
+use super::types::Geometry;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Bits 9..=55 of an L1 entry: the L2 table offset.
+pub const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits 9..=55 of a standard L2 entry: the host cluster offset.
+pub const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Refcount is exactly one (no COW needed).
+pub const COPIED: u64 = 1 << 63;
+/// Compressed cluster.
+pub const COMPRESSED: u64 = 1 << 62;
+/// Standard cluster reads as zero (v3, without extended L2).
+pub const ZERO: u64 = 1;
+
+/// What one (sub)cluster holds, decoded from its L2 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterState {
+    /// Not allocated here: read from the backing file.
+    Unallocated,
+    /// Reads as zeros.
+    Zero,
+    /// Data at this host offset (of the subcluster's first byte).
+    Data(u64),
+    /// Compressed cluster with this descriptor (bits 0..=61 of the entry).
+    Compressed(u64),
+}
+
+/// Why an L2 entry is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryError {
+    /// The host offset is not cluster aligned.
+    Unaligned(u64),
+    /// A subcluster is marked both allocated and zero.
+    AllocatedAndZero(u32),
+    /// Compressed clusters are impossible with an external data file.
+    CompressedWithDataFile,
+    /// A subcluster is marked allocated but the entry has no host offset.
+    AllocatedWithoutOffset(u32),
+}
+
+/// A raw L2 entry (the first 64 bits with extended L2) and its subcluster bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Entry {
+    /// The entry.
+    pub entry: u64,
+    /// The subcluster bitmap (0 without extended L2).
+    pub bitmap: u64,
+}
+
+impl L2Entry {
+    /// The state of subcluster `sc` (0 without extended L2) of this entry.
+    pub fn state(
+        self,
+        g: Geometry,
+        sc: u32,
+        has_data_file: bool,
+    ) -> Result<ClusterState, EntryError> {
+        if self.entry & COMPRESSED != 0 {
+            if has_data_file {
+                return Err(EntryError::CompressedWithDataFile);
+            }
+            return Ok(ClusterState::Compressed(
+                self.entry & !(COPIED | COMPRESSED),
+            ));
+        }
+        let host = self.entry & L2_OFFSET_MASK;
+        // With an external data file, host offset 0 is valid when the copied bit says
+        // the cluster is allocated.
+        let allocated = host != 0 || (has_data_file && self.entry & COPIED != 0);
+        if g.extended_l2() {
+            let alloc_bit = self.bitmap & (1 << sc) != 0;
+            let zero_bit = self.bitmap & (1 << (32 + sc)) != 0;
+            return match (alloc_bit, zero_bit) {
+                (true, true) => Err(EntryError::AllocatedAndZero(sc)),
+                (false, true) => Ok(ClusterState::Zero),
+                (false, false) => Ok(ClusterState::Unallocated),
+                (true, false) if !allocated => Err(EntryError::AllocatedWithoutOffset(sc)),
+                (true, false) => {
+                    check_aligned(g, host)?;
+                    Ok(ClusterState::Data(
+                        host + u64::from(sc) * g.subcluster_size(),
+                    ))
+                }
+            };
+        }
+        if self.entry & ZERO != 0 {
+            // Preallocated or not, the cluster reads as zeros.
+            return Ok(ClusterState::Zero);
+        }
+        if !allocated {
+            return Ok(ClusterState::Unallocated);
+        }
+        check_aligned(g, host)?;
+        Ok(ClusterState::Data(host))
+    }
+}
+
+fn check_aligned(g: Geometry, host: u64) -> Result<(), EntryError> {
+    if g.in_cluster(host) != 0 {
+        Err(EntryError::Unaligned(host))
+    } else {
+        Ok(())
+    }
+}
+
+/// Host offset and byte length of a compressed cluster's data.
+pub fn compressed_extent(g: Geometry, descriptor: u64) -> (u64, u64) {
+    let x = 62 - (g.cluster_bits() - 8);
+    let host = descriptor & ((1u64 << x) - 1);
+    let extra_sectors = (descriptor >> x) & ((1u64 << (62 - x)) - 1);
+    let len = (extra_sectors + 1) * 512 - (host & 511);
+    (host, len)
+}
+
+/// One L2 table: its raw big-endian words, decoded.
+#[derive(Debug)]
+pub struct L2Table {
+    words: Vec<u64>,
+    extended: bool,
+}
+
+impl L2Table {
+    /// Decodes a table from its on-disk bytes.
+    pub fn from_bytes(bytes: &[u8], extended: bool) -> Self {
+        let words = bytes
+            .chunks_exact(8)
+            .map(|w| u64::from_be_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        L2Table { words, extended }
+    }
+
+    /// The entry at `index`.
+    pub fn entry(&self, index: usize) -> L2Entry {
+        if self.extended {
+            L2Entry {
+                entry: self.words[2 * index],
+                bitmap: self.words[2 * index + 1],
+            }
+        } else {
+            L2Entry {
+                entry: self.words[index],
+                bitmap: 0,
+            }
+        }
+    }
+}
+
+struct Slot {
+    key: u64,
+    table: Arc<L2Table>,
+    referenced: bool,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    slots: Vec<Slot>,
+    index: HashMap<u64, usize>,
+    hand: usize,
+}
+
+/// A bounded cache of L2 tables keyed by host offset, with CLOCK eviction (an approximation
+/// of least-recently-used that costs O(1) per access).
+pub struct L2Cache {
+    inner: Mutex<CacheInner>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for L2Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.inner.lock().map(|i| i.slots.len()).unwrap_or(0);
+        f.debug_struct("L2Cache")
+            .field("tables", &n)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl L2Cache {
+    /// A cache holding at most `capacity` tables (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        L2Cache {
+            inner: Mutex::new(CacheInner::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The table at `offset`, if cached.
+    pub fn get(&self, offset: u64) -> Option<Arc<L2Table>> {
+        let mut inner = self.inner.lock().unwrap();
+        let i = *inner.index.get(&offset)?;
+        inner.slots[i].referenced = true;
+        Some(Arc::clone(&inner.slots[i].table))
+    }
+
+    /// Caches `table` at `offset`, evicting an entry not used recently when full.
+    pub fn insert(&self, offset: u64, table: Arc<L2Table>) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(&i) = inner.index.get(&offset) {
+            inner.slots[i].table = table;
+            return;
+        }
+        if inner.slots.len() < self.capacity {
+            let i = inner.slots.len();
+            inner.slots.push(Slot {
+                key: offset,
+                table,
+                referenced: true,
+            });
+            inner.index.insert(offset, i);
+            return;
+        }
+        loop {
+            let hand = inner.hand;
+            inner.hand = (hand + 1) % inner.slots.len();
+            if inner.slots[hand].referenced {
+                inner.slots[hand].referenced = false;
+                continue;
+            }
+            let old = inner.slots[hand].key;
+            inner.index.remove(&old);
+            inner.slots[hand] = Slot {
+                key: offset,
+                table,
+                referenced: true,
+            };
+            inner.index.insert(offset, hand);
+            return;
+        }
+    }
+
+    /// Drops every cached table.
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        *inner = CacheInner::default();
+    }
+
+    /// Number of cached tables.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().slots.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g() -> Geometry {
+        Geometry::new(16, false)
+    }
+
+    #[test]
+    fn standard_entries_decode() {
+        let e = |entry| L2Entry { entry, bitmap: 0 };
+        assert_eq!(e(0).state(g(), 0, false), Ok(ClusterState::Unallocated));
+        assert_eq!(
+            e(COPIED | 0x50000).state(g(), 0, false),
+            Ok(ClusterState::Data(0x50000))
+        );
+        assert_eq!(
+            e(0x50000 | ZERO).state(g(), 0, false),
+            Ok(ClusterState::Zero)
+        );
+        assert_eq!(e(ZERO).state(g(), 0, false), Ok(ClusterState::Zero));
+        assert_eq!(
+            e(0x50200).state(g(), 0, false),
+            Err(EntryError::Unaligned(0x50200))
+        );
+        // External data file: offset 0 with the copied bit is allocated.
+        assert_eq!(e(COPIED).state(g(), 0, true), Ok(ClusterState::Data(0)));
+        assert_eq!(
+            e(COMPRESSED | 5).state(g(), 0, true),
+            Err(EntryError::CompressedWithDataFile)
+        );
+    }
+
+    #[test]
+    fn extended_entries_decode_per_subcluster() {
+        let g = Geometry::new(16, true);
+        let e = L2Entry {
+            entry: 0x80000,
+            bitmap: 0b0101 | (0b1000 << 32),
+        };
+        assert_eq!(e.state(g, 0, false), Ok(ClusterState::Data(0x80000)));
+        assert_eq!(e.state(g, 1, false), Ok(ClusterState::Unallocated));
+        assert_eq!(
+            e.state(g, 2, false),
+            Ok(ClusterState::Data(0x80000 + 2 * 2048))
+        );
+        assert_eq!(e.state(g, 3, false), Ok(ClusterState::Zero));
+        let bad = L2Entry {
+            entry: 0x80000,
+            bitmap: 1 | (1 << 32),
+        };
+        assert_eq!(bad.state(g, 0, false), Err(EntryError::AllocatedAndZero(0)));
+    }
+
+    #[test]
+    fn compressed_descriptor_extent() {
+        // 64 KiB clusters: x = 54; 2 extra sectors, offset 0x10100.
+        let d = (2u64 << 54) | 0x10100;
+        assert_eq!(compressed_extent(g(), d), (0x10100, 3 * 512 - 0x100));
+    }
+
+    #[test]
+    fn cache_is_bounded_and_evicts_unreferenced_tables() {
+        let c = L2Cache::new(2);
+        let t = || Arc::new(L2Table::from_bytes(&[0u8; 16], false));
+        c.insert(1, t());
+        c.insert(2, t());
+        assert!(c.get(1).is_some());
+        c.insert(3, t());
+        assert_eq!(c.len(), 2);
+        assert!(c.get(3).is_some());
+        assert_eq!(
+            [1, 2].iter().filter(|&&k| c.get(k).is_some()).count(),
+            1,
+            "exactly one of the old tables was evicted"
+        );
+        c.clear();
+        assert_eq!(c.len(), 0);
+    }
+}

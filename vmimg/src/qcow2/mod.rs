@@ -1,0 +1,502 @@
+//! The qcow2 format (QEMU copy-on-write, versions 2 and 3): read path.
+//!
+//! ```text
+//!  guest offset --L1 index--> L1 table (in memory) --L2 offset--> L2 table (cached)
+//!       --L2 index--> L2 entry: unallocated | zero | data at host offset | compressed
+//! ```
+//!
+//! One file per role: `header` (on-disk header and extensions), `types` (typed offsets and
+//! geometry), `l2` (entries and the bounded table cache), `compress` (deflate/zstd decoding),
+//! `snapshot` (the snapshot table), `bitmaps` (the bitmap directory, kept for `info`).
+//! Writing is not implemented yet: images open read-only.
+
+mod bitmaps;
+mod compress;
+pub mod header;
+mod l2;
+pub mod snapshot;
+pub mod types;
+
+pub use bitmaps::BitmapEntry;
+pub use header::{CompressionType, Header, HeaderError};
+pub use snapshot::Snapshot;
+
+use crate::format::{
+    BitmapInfo, ChainView, DiscardMode, Format, FormatDriver, FormatSpecific, ImageDescription,
+    MapKind, MapQuery, Mapping, Qcow2Specific, SnapshotInfo, WriteTarget,
+};
+use crate::storage::{BoxFuture, PreallocMode, Storage, StorageExt};
+use crate::{Error, ErrorKind, Result};
+use l2::{ClusterState, EntryError, L2Cache, L2Table, L1_OFFSET_MASK};
+use std::sync::{Arc, Mutex};
+use types::{Geometry, GuestOffset};
+
+crate::format::open::format_open_builder!(
+    /// Opens a qcow2 image and its backing chain (read-only for now).
+    ///
+    /// Files the image names (backing file, external data file) are opened through the
+    /// [`ImplicitOpenPolicy`](crate::ImplicitOpenPolicy) of the options.
+    Qcow2Open,
+    Format::Qcow2
+);
+
+/// Default L2 cache budget: 32 MiB of tables (QEMU's default maximum on Linux).
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// Decompressed clusters kept for repeated small reads of the same compressed cluster.
+const DECOMPRESSED_CACHE: usize = 4;
+
+/// What a qcow2 layer needs from its environment when it is opened.
+pub(crate) struct Qcow2Params {
+    /// The image file.
+    pub file: Arc<dyn Storage>,
+    /// Its header, already read with [`read_header`].
+    pub header: Header,
+    /// The external data file, when the image has one (already opened by the caller).
+    pub data_file: Option<Arc<dyn Storage>>,
+    /// L2 cache budget in bytes.
+    pub l2_cache_bytes: u64,
+    /// Open this snapshot (by ID or name) instead of the active state.
+    pub snapshot: Option<String>,
+}
+
+/// An open qcow2 layer (read-only for now).
+pub struct Qcow2Driver {
+    file: Arc<dyn Storage>,
+    data: Arc<dyn Storage>,
+    header: Header,
+    geometry: Geometry,
+    l1: Vec<u64>,
+    size: u64,
+    cache: L2Cache,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Vec<BitmapEntry>,
+    decompressed: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+}
+
+impl std::fmt::Debug for Qcow2Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Driver")
+            .field("file", &self.file.path())
+            .field("size", &self.size)
+            .field("cluster_bits", &self.header.cluster_bits)
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+fn corrupt(msg: String) -> Error {
+    Error::new(ErrorKind::Corrupt, msg)
+}
+
+/// Reads a header from `file` (the first cluster, or all of a shorter file).
+pub(crate) async fn read_header(file: &dyn Storage) -> Result<Header> {
+    let file_size = file.size()?;
+    let mut prefix = vec![0u8; (Header::PROBE_LEN as u64).min(file_size) as usize];
+    file.read_at(0, &mut prefix).await?;
+    let bits = Header::peek_cluster_bits(&prefix)
+        .filter(|b| (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(b))
+        .unwrap_or(header::MIN_CLUSTER_BITS);
+    let len = (1u64 << bits).min(file_size).max(prefix.len() as u64);
+    let mut cluster0 = vec![0u8; len as usize];
+    file.read_at(0, &mut cluster0).await?;
+    Ok(Header::parse(&cluster0)?)
+}
+
+/// Reads up to `bytes` at `offset`, stopping at the end of the file: a table claimed past the
+/// end is never allocated in full from a crafted size. Callers treat missing bytes as zeros
+/// (L1: unallocated, as QEMU reads them) or as truncation (snapshot table).
+async fn read_table(file: &dyn Storage, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+    let avail = file.size()?.saturating_sub(offset).min(bytes);
+    let mut buf = vec![0u8; avail as usize];
+    file.read_at(offset, &mut buf)
+        .await
+        .map_err(|e| e.with_operation("read qcow2 metadata"))?;
+    Ok(buf)
+}
+
+fn be64_words(bytes: &[u8], count: usize) -> Vec<u64> {
+    let mut words: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|w| u64::from_be_bytes(w.try_into().expect("8 bytes")))
+        .collect();
+    words.resize(count, 0);
+    words
+}
+
+impl Qcow2Driver {
+    /// Opens a qcow2 layer over `params.file`.
+    pub(crate) async fn open(params: Qcow2Params) -> Result<Self> {
+        let file = params.file;
+        let header = params.header;
+        let geometry = header.geometry();
+        let data = match (&params.data_file, header.has_data_file()) {
+            (Some(d), true) => Arc::clone(d),
+            (None, true) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "the image keeps its data in an external data file, but none was given \
+                     (the image names none, or it was not opened)",
+                ))
+            }
+            (_, false) => Arc::clone(&file),
+        };
+
+        let snapshots = if header.nb_snapshots > 0 {
+            // Each entry is at least 40 bytes; read a bounded prefix and let the parser
+            // refuse a table that runs past it.
+            let max = (u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8))
+                .min(snapshot::MAX_TABLE_BYTES);
+            let table = read_table(file.as_ref(), header.snapshots_offset, max).await?;
+            snapshot::parse_table(&table, header.nb_snapshots, geometry)
+                .map_err(|e| Error::new(ErrorKind::InvalidFormat, e.to_string()).with_source(e))?
+        } else {
+            Vec::new()
+        };
+
+        let (l1_offset, l1_size, size) = match &params.snapshot {
+            None => (header.l1_table_offset, header.l1_size, header.size),
+            Some(want) => {
+                let s = snapshots
+                    .iter()
+                    .find(|s| &s.id == want)
+                    .or_else(|| snapshots.iter().find(|s| &s.name == want))
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::NotFound,
+                            format!("snapshot '{want}' does not exist"),
+                        )
+                    })?;
+                (
+                    s.l1_table_offset,
+                    s.l1_size,
+                    s.disk_size.unwrap_or(header.size),
+                )
+            }
+        };
+        let needed = geometry.l1_entries_for(size).unwrap_or(u64::MAX);
+        if u64::from(l1_size) < needed {
+            return Err(Error::new(
+                ErrorKind::InvalidFormat,
+                format!("L1 table of {l1_size} entries is too small for size {size:#x}"),
+            ));
+        }
+        let l1_bytes = read_table(file.as_ref(), l1_offset, u64::from(l1_size) * 8).await?;
+        let l1 = be64_words(&l1_bytes, l1_size as usize);
+
+        let bitmaps = match header.bitmaps {
+            Some(ext) => {
+                let dir =
+                    read_table(file.as_ref(), ext.directory_offset, ext.directory_size).await?;
+                // A malformed directory only hides the bitmaps from `info`: the guest data
+                // does not depend on it.
+                bitmaps::parse_directory(&dir, ext.nb_bitmaps).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+
+        let tables = (params.l2_cache_bytes / geometry.cluster_size()).max(16) as usize;
+        Ok(Qcow2Driver {
+            file,
+            data,
+            geometry,
+            l1,
+            size,
+            cache: L2Cache::new(tables),
+            snapshots,
+            bitmaps,
+            header,
+            decompressed: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    async fn l2_table(&self, offset: u64) -> Result<Arc<L2Table>> {
+        if let Some(t) = self.cache.get(offset) {
+            return Ok(t);
+        }
+        let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
+        self.file
+            .read_at(offset, &mut bytes)
+            .await
+            .map_err(|e| e.with_operation("read L2 table"))?;
+        let table = Arc::new(L2Table::from_bytes(&bytes, self.geometry.extended_l2()));
+        self.cache.insert(offset, Arc::clone(&table));
+        Ok(table)
+    }
+
+    fn entry_error(&self, e: EntryError, l2_offset: u64, index: usize) -> Error {
+        let what = match e {
+            EntryError::Unaligned(host) => format!("cluster offset {host:#x} is unaligned"),
+            EntryError::AllocatedAndZero(sc) => {
+                format!("subcluster {sc} is marked both allocated and zero")
+            }
+            EntryError::AllocatedWithoutOffset(sc) => {
+                format!("subcluster {sc} is allocated but the entry has no offset")
+            }
+            EntryError::CompressedWithDataFile => {
+                "compressed cluster in an image with an external data file".to_string()
+            }
+        };
+        corrupt(format!(
+            "{what} (L2 table at {l2_offset:#x}, index {index})"
+        ))
+    }
+
+    /// Maps the longest run from `offset` (at most `len` bytes) with one state.
+    async fn map_run(&self, offset: u64, len: u64) -> Result<(ClusterState, u64)> {
+        let g = self.geometry;
+        let cluster = g.guest_cluster(GuestOffset(offset));
+        let l1_index = g.l1_index(cluster);
+        let coverage_end = (offset / g.l2_coverage() + 1).saturating_mul(g.l2_coverage());
+        let max_end = offset.saturating_add(len).min(coverage_end);
+        let l1_entry = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i).copied())
+            .unwrap_or(0);
+        let l2_offset = l1_entry & L1_OFFSET_MASK;
+        if l2_offset == 0 {
+            return Ok((ClusterState::Unallocated, max_end - offset));
+        }
+        if g.in_cluster(l2_offset) != 0 {
+            return Err(corrupt(format!(
+                "L2 table offset {l2_offset:#x} is unaligned (L1 index {l1_index})"
+            )));
+        }
+        let table = self.l2_table(l2_offset).await?;
+        let has_data_file = self.header.has_data_file();
+        let sc_size = g.subcluster_size();
+        let state_at = |pos: u64| -> Result<ClusterState> {
+            let c = g.guest_cluster(GuestOffset(pos));
+            let index = g.l2_index(c);
+            let sc = (g.in_cluster(pos) / sc_size) as u32;
+            table
+                .entry(index)
+                .state(g, sc, has_data_file)
+                .map_err(|e| self.entry_error(e, l2_offset, index))
+        };
+        let first = state_at(offset)?;
+        // Start of the (sub)cluster holding `offset`; the run grows a subcluster at a time.
+        let base = offset / sc_size * sc_size;
+        let mut pos = base + sc_size;
+        if let ClusterState::Compressed(_) = first {
+            let cluster_end = (offset / g.cluster_size() + 1) * g.cluster_size();
+            return Ok((first, cluster_end.min(max_end) - offset));
+        }
+        while pos < max_end {
+            let next = state_at(pos)?;
+            let same = match (first, next) {
+                // Data merges only where it is contiguous on the host too.
+                (ClusterState::Data(a), ClusterState::Data(b)) => b == a + (pos - base),
+                (ClusterState::Zero, ClusterState::Zero) => true,
+                (ClusterState::Unallocated, ClusterState::Unallocated) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            pos += sc_size;
+        }
+        Ok((first, pos.min(max_end) - offset))
+    }
+
+    async fn decompressed_cluster(&self, descriptor: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some((_, c)) = self
+            .decompressed
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(d, _)| *d == descriptor)
+        {
+            return Ok(Arc::clone(c));
+        }
+        let (host, len) = l2::compressed_extent(self.geometry, descriptor);
+        let mut input = vec![0u8; len as usize];
+        self.file
+            .read_at(host, &mut input)
+            .await
+            .map_err(|e| e.with_operation("read compressed cluster"))?;
+        let kind = self.header.compression_type;
+        let cluster_size = self.geometry.cluster_size() as usize;
+        // Decoding is CPU work: run it on the blocking pool so executor threads stay free
+        // and several clusters decode in parallel.
+        let out = tokio::task::spawn_blocking(move || {
+            let mut out = vec![0u8; cluster_size];
+            compress::decompress(kind, &input, &mut out).map(|()| out)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, "decompression task failed").with_source(e))?
+        .map_err(|e| corrupt(format!("compressed cluster at {host:#x}: {e}")).with_source(e))?;
+        let out = Arc::new(out);
+        let mut cache = self.decompressed.lock().unwrap();
+        if cache.len() >= DECOMPRESSED_CACHE {
+            cache.remove(0);
+        }
+        cache.push((descriptor, Arc::clone(&out)));
+        Ok(out)
+    }
+
+    fn read_only() -> Error {
+        Error::new(
+            ErrorKind::ReadOnly,
+            "writing qcow2 images is not supported yet",
+        )
+    }
+
+    fn specific(&self) -> Qcow2Specific {
+        let h = &self.header;
+        Qcow2Specific {
+            compat: h.compat_name(),
+            compression_type: h.compression_type.name(),
+            lazy_refcounts: h.lazy_refcounts(),
+            refcount_bits: h.refcount_bits(),
+            corrupt: h.is_corrupt(),
+            extended_l2: h.geometry().extended_l2(),
+            data_file: h.data_file.clone(),
+            data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
+            bitmaps: self
+                .bitmaps
+                .iter()
+                .map(|b| BitmapInfo {
+                    name: b.name.clone(),
+                    granularity: b.granularity(),
+                    flags: b.flag_names(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl FormatDriver for Qcow2Driver {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_writable(&self) -> bool {
+        false
+    }
+
+    fn storage(&self) -> &dyn Storage {
+        self.file.as_ref()
+    }
+
+    fn map(&self, offset: u64, len: u64, _query: MapQuery) -> BoxFuture<'_, Result<Mapping<'_>>> {
+        Box::pin(async move {
+            let (state, len) = self.map_run(offset, len).await?;
+            let kind = match state {
+                ClusterState::Unallocated => MapKind::Unallocated,
+                ClusterState::Zero => MapKind::Zero,
+                ClusterState::Data(host) => MapKind::Data {
+                    storage: self.data.as_ref(),
+                    offset: host + offset % self.geometry.subcluster_size(),
+                },
+                ClusterState::Compressed(d) => MapKind::Compressed(d),
+            };
+            Ok(Mapping { len, kind })
+        })
+    }
+
+    fn read_compressed<'a>(
+        &'a self,
+        descriptor: u64,
+        guest_offset: u64,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let cluster = self.decompressed_cluster(descriptor).await?;
+            let skip = self.geometry.in_cluster(guest_offset) as usize;
+            let src = cluster
+                .get(skip..skip + buf.len())
+                .ok_or_else(|| corrupt("compressed read crosses a cluster".into()))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        })
+    }
+
+    fn map_for_write<'a>(
+        &'a self,
+        _offset: u64,
+        _len: u64,
+        _below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<WriteTarget<'a>>> {
+        Box::pin(async { Err(Self::read_only()) })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        _offset: u64,
+        _len: u64,
+        _may_unmap: bool,
+        _below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Err(Self::read_only()) })
+    }
+
+    fn discard<'a>(
+        &'a self,
+        _offset: u64,
+        _len: u64,
+        _mode: DiscardMode,
+        _below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Err(Self::read_only()) })
+    }
+
+    fn resize(&self, _new_size: u64, _prealloc: PreallocMode) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Err(Self::read_only()) })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn sync(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn invalidate_cache(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.cache.clear();
+            self.decompressed.lock().unwrap().clear();
+            Ok(())
+        })
+    }
+
+    fn describe(&self) -> ImageDescription {
+        ImageDescription {
+            filename: self.file.path().map(|p| p.display().to_string()),
+            actual_size: self.file.allocated_size(),
+            backing_filename: self.header.backing_file.clone(),
+            backing_format: self.header.backing_format.clone(),
+            dirty: self.header.is_dirty(),
+            cluster_size: Some(self.geometry.cluster_size()),
+            snapshots: self
+                .snapshots
+                .iter()
+                .map(|s| SnapshotInfo {
+                    id: s.id.clone(),
+                    name: s.name.clone(),
+                    vm_state_size: s.vm_state_size,
+                    date_sec: s.date_sec,
+                    date_nsec: s.date_nsec,
+                    vm_clock_nsec: s.vm_clock_nsec,
+                    icount: s.icount,
+                })
+                .collect(),
+            format_specific: Some(FormatSpecific::Qcow2(self.specific())),
+        }
+    }
+}
