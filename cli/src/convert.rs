@@ -2,13 +2,13 @@
 
 use crate::create::{parse_options, raw_create_from_options};
 use crate::size::parse_size;
-use crate::{open_image, usage_error, CmdResult};
+use crate::{open_image_with, usage_error, CmdResult};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::task::JoinSet;
-use vmimg::{BlockStatusKind, Error, ErrorKind, Format, Image, RawOpen};
+use vmimg::{Error, ErrorKind, Format, Image, OpenOptions, RawOpen};
 
 /// Size of one copy job.
 const CHUNK: u64 = 2 << 20;
@@ -47,9 +47,31 @@ pub struct ConvertArgs {
     /// Compress the output.
     #[arg(short = 'c')]
     compress: bool,
+    /// Convert an internal snapshot of the source: `snapshot.name=NAME`, `snapshot.id=ID`
+    /// or `ID_OR_NAME`.
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
+    /// Force share (accepted for compatibility; images are opened read-only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Source images (concatenated) followed by the output image.
     #[arg(num_args = 2.., required = true)]
     files: Vec<String>,
+}
+
+/// The snapshot named by `-l`: `snapshot.name=NAME`, `snapshot.id=ID` or a bare ID or name.
+pub fn parse_snapshot_param(param: &str) -> Result<String, Error> {
+    let mut found = None;
+    for part in param.split(',') {
+        match part.split_once('=') {
+            Some(("snapshot.name" | "snapshot.id", v)) => found = Some(v.to_string()),
+            Some((k, _)) => return Err(usage_error(format!("Invalid option '{k}' for -l"))),
+            None => found = Some(part.to_string()),
+        }
+    }
+    found
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| usage_error("-l needs a snapshot name or ID"))
 }
 
 /// Byte ranges of `buf` that are not all-zero, at `block` granularity (0: the whole buffer).
@@ -137,10 +159,14 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     let sparse = parse_size(&args.sparse_size).map_err(usage_error)? as usize;
     let jobs = args.jobs.clamp(1, 64);
 
+    let mut src_opts = OpenOptions::new();
+    if let Some(param) = &args.snapshot {
+        src_opts = src_opts.snapshot(parse_snapshot_param(param)?);
+    }
     let mut sources = Vec::new();
     let mut total = 0u64;
     for name in src_names {
-        let img = open_image(name, args.format.as_deref(), false, false).await?;
+        let img = open_image_with(name, args.format.as_deref(), src_opts.clone()).await?;
         total = total
             .checked_add(img.size())
             .ok_or_else(|| usage_error("total source size overflows"))?;
@@ -190,14 +216,13 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         let mut off = 0u64;
         while off < size {
             let st = src.block_status(off, (size - off).min(STATUS_SPAN)).await?;
-            match st.kind {
-                BlockStatusKind::Zero | BlockStatusKind::Unallocated => {
-                    if !fresh {
-                        dst.write_zeroes(base + off, st.len, true).await?;
-                    }
-                    progress(st.len);
+            if st.zero() {
+                if !fresh {
+                    dst.write_zeroes(base + off, st.len, true).await?;
                 }
-                BlockStatusKind::Data { .. } | BlockStatusKind::Compressed => {
+                progress(st.len);
+            } else {
+                {
                     let mut pos = off;
                     while pos < off + st.len {
                         let len = CHUNK.min(off + st.len - pos);
@@ -263,6 +288,15 @@ mod tests {
         assert_eq!(nonzero_runs(&buf, 4096), vec![(4096, 8192), (12288, 16384)]);
         assert_eq!(nonzero_runs(&[0u8; 100], 4096), vec![]);
         assert_eq!(nonzero_runs(&buf, 0), vec![(0, 16384)]);
+    }
+
+    #[test]
+    fn snapshot_param_forms() {
+        assert_eq!(parse_snapshot_param("snapshot.name=s1").unwrap(), "s1");
+        assert_eq!(parse_snapshot_param("snapshot.id=2").unwrap(), "2");
+        assert_eq!(parse_snapshot_param("s1").unwrap(), "s1");
+        assert!(parse_snapshot_param("bogus=1").is_err());
+        assert!(parse_snapshot_param("").is_err());
     }
 
     #[test]

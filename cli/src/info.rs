@@ -1,9 +1,10 @@
-//! `vmimg info`.
+//! `vmimg info`: qemu-img info's human and JSON output.
 
 use crate::size::human_size;
 use crate::{open_image, CmdResult};
 use clap::{Args, ValueEnum};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+use vmimg::format::{FormatSpecific, Qcow2Specific, SnapshotInfo};
 use vmimg::Image;
 
 /// Output style of `info` and friends.
@@ -24,6 +25,9 @@ pub struct InfoArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
     /// The image.
     filename: String,
 }
@@ -37,13 +41,68 @@ pub fn print_json(value: &Value) {
     println!("{}", String::from_utf8_lossy(&out));
 }
 
-fn info_json(image: &Image, filename: &str) -> Value {
+fn qcow2_json(q: &Qcow2Specific) -> Value {
+    let mut m = Map::new();
+    m.insert("compat".into(), json!(q.compat));
+    m.insert("compression-type".into(), json!(q.compression_type));
+    let v3 = q.compat != "0.10";
+    if v3 {
+        m.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
+    }
+    if !q.bitmaps.is_empty() {
+        let list: Vec<Value> = q
+            .bitmaps
+            .iter()
+            .map(|b| json!({"flags": b.flags, "name": b.name, "granularity": b.granularity}))
+            .collect();
+        m.insert("bitmaps".into(), Value::Array(list));
+    }
+    m.insert("refcount-bits".into(), json!(q.refcount_bits));
+    if let Some(d) = &q.data_file {
+        m.insert("data-file".into(), json!(d));
+    }
+    if let Some(raw) = q.data_file_raw {
+        m.insert("data-file-raw".into(), json!(raw));
+    }
+    if v3 {
+        m.insert("corrupt".into(), json!(q.corrupt));
+        m.insert("extended-l2".into(), json!(q.extended_l2));
+    }
+    Value::Object(m)
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> Value {
+    let mut m = Map::new();
+    if let Some(i) = s.icount.filter(|&i| i != -1) {
+        m.insert("icount".into(), json!(i));
+    }
+    m.insert(
+        "vm-clock-nsec".into(),
+        json!(s.vm_clock_nsec % 1_000_000_000),
+    );
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert(
+        "vm-clock-sec".into(),
+        json!(s.vm_clock_nsec / 1_000_000_000),
+    );
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    Value::Object(m)
+}
+
+/// The JSON object qemu-img prints for one image.
+pub fn info_json(image: &Image, filename: &str) -> Value {
     let desc = image.describe();
     let storage = image.driver().storage();
-    let file_len = storage.size().unwrap_or(0);
+    // QEMU counts the file in whole 512-byte sectors.
+    let file_len = storage.size().unwrap_or(0).div_ceil(512) * 512;
     let actual = desc.actual_size.unwrap_or(0);
-    let mut top = json!({
-        "children": [{
+    let mut m = Map::new();
+    m.insert(
+        "children".into(),
+        json!([{
             "name": "file",
             "info": {
                 "children": [],
@@ -54,27 +113,136 @@ fn info_json(image: &Image, filename: &str) -> Value {
                 "format-specific": {"type": "file", "data": {}},
                 "dirty-flag": false
             }
-        }],
-        "virtual-size": image.size(),
-        "filename": filename,
-        "format": image.format().name(),
-        "actual-size": actual,
-    });
-    let obj = top.as_object_mut().expect("object literal");
-    if let Some(b) = &desc.backing_filename {
-        obj.insert("backing-filename".into(), json!(b));
-    }
+        }]),
+    );
     if let Some(f) = &desc.backing_format {
-        obj.insert("backing-filename-format".into(), json!(f));
+        m.insert("backing-filename-format".into(), json!(f));
     }
-    obj.insert("dirty-flag".into(), json!(desc.dirty));
-    top
+    if !desc.snapshots.is_empty() {
+        let list: Vec<Value> = desc.snapshots.iter().map(snapshot_json).collect();
+        m.insert("snapshots".into(), Value::Array(list));
+    }
+    m.insert("virtual-size".into(), json!(image.size()));
+    m.insert("filename".into(), json!(filename));
+    if let Some(c) = desc.cluster_size {
+        m.insert("cluster-size".into(), json!(c));
+    }
+    m.insert("format".into(), json!(image.format().name()));
+    m.insert("actual-size".into(), json!(actual));
+    if let Some(FormatSpecific::Qcow2(q)) = &desc.format_specific {
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": qcow2_json(q)}),
+        );
+    }
+    if let Some(b) = &desc.full_backing_filename {
+        m.insert("full-backing-filename".into(), json!(b));
+    }
+    if let Some(b) = &desc.backing_filename {
+        m.insert("backing-filename".into(), json!(b));
+    }
+    m.insert("dirty-flag".into(), json!(desc.dirty));
+    Value::Object(m)
 }
 
-fn info_human(image: &Image, filename: &str) -> String {
+/// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the Epoch.
+fn utc_date(secs: u32) -> String {
+    let days = i64::from(secs / 86400);
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// qemu-img's snapshot table (also used by `snapshot -l`).
+pub fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
+    let mut s = format!(
+        "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snapshots {
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            sn.vm_clock_nsec % 1_000_000_000 / 1_000_000
+        );
+        let icount = sn
+            .icount
+            .filter(|&i| i != -1)
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        s += &format!(
+            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
+            sn.id,
+            sn.name,
+            human_size(sn.vm_state_size),
+            utc_date(sn.date_sec),
+            clock,
+            icount
+        );
+    }
+    s
+}
+
+fn qcow2_human(q: &Qcow2Specific) -> String {
+    let mut s = String::from("Format specific information:\n");
+    s += &format!("    compat: {}\n", q.compat);
+    s += &format!("    compression type: {}\n", q.compression_type);
+    let v3 = q.compat != "0.10";
+    if v3 {
+        s += &format!("    lazy refcounts: {}\n", q.lazy_refcounts);
+    }
+    if !q.bitmaps.is_empty() {
+        s += "    bitmaps:\n";
+        for (i, b) in q.bitmaps.iter().enumerate() {
+            s += &format!("        [{i}]:\n            flags:\n");
+            for (j, f) in b.flags.iter().enumerate() {
+                s += &format!("                [{j}]: {f}\n");
+            }
+            s += &format!(
+                "            name: {}\n            granularity: {}\n",
+                b.name, b.granularity
+            );
+        }
+    }
+    s += &format!("    refcount bits: {}\n", q.refcount_bits);
+    if let Some(d) = &q.data_file {
+        s += &format!("    data file: {d}\n");
+    }
+    if let Some(raw) = q.data_file_raw {
+        s += &format!("    data file raw: {raw}\n");
+    }
+    if v3 {
+        s += &format!(
+            "    corrupt: {}\n    extended l2: {}\n",
+            q.corrupt, q.extended_l2
+        );
+    }
+    s
+}
+
+/// qemu-img info's text for one image.
+pub fn info_human(image: &Image, filename: &str) -> String {
     let desc = image.describe();
     let storage = image.driver().storage();
-    let file_len = storage.size().unwrap_or(0);
+    // QEMU counts the file in whole 512-byte sectors.
+    let file_len = storage.size().unwrap_or(0).div_ceil(512) * 512;
     let disk = desc
         .actual_size
         .map(human_size)
@@ -85,11 +253,27 @@ fn info_human(image: &Image, filename: &str) -> String {
         image.format(),
         human_size(size),
     );
+    if let Some(c) = desc.cluster_size {
+        s += &format!("cluster_size: {c}\n");
+    }
     if let Some(b) = &desc.backing_filename {
-        s += &format!("backing file: {b}\n");
+        match &desc.full_backing_filename {
+            Some(full) if full != b => s += &format!("backing file: {b} (actual path: {full})\n"),
+            _ => s += &format!("backing file: {b}\n"),
+        }
     }
     if let Some(f) = &desc.backing_format {
         s += &format!("backing file format: {f}\n");
+    }
+    if desc.dirty {
+        s += "dirty flag: yes\n";
+    }
+    if !desc.snapshots.is_empty() {
+        s += "Snapshot list:\n";
+        s += &snapshot_table(&desc.snapshots);
+    }
+    if let Some(FormatSpecific::Qcow2(q)) = &desc.format_specific {
+        s += &qcow2_human(q);
     }
     s += &format!(
         "Child node '/file':\n    filename: {filename}\n    protocol type: file\n    file length: {} ({file_len} bytes)\n    disk size: {disk}",
@@ -100,9 +284,58 @@ fn info_human(image: &Image, filename: &str) -> String {
 
 pub async fn run(args: InfoArgs) -> CmdResult {
     let image = open_image(&args.filename, args.format.as_deref(), false, false).await?;
+    let mut chain = vec![(image.clone(), args.filename.clone())];
+    if args.backing_chain {
+        let mut cur = image;
+        while let Some(b) = cur.backing() {
+            let name = cur
+                .describe()
+                .full_backing_filename
+                .unwrap_or_else(|| "(unnamed)".into());
+            chain.push((b.clone(), name));
+            cur = b;
+        }
+    }
     match args.output {
-        OutputFormat::Json => print_json(&info_json(&image, &args.filename)),
-        OutputFormat::Human => println!("{}", info_human(&image, &args.filename)),
+        OutputFormat::Json if args.backing_chain => {
+            let list: Vec<Value> = chain.iter().map(|(i, n)| info_json(i, n)).collect();
+            print_json(&Value::Array(list));
+        }
+        OutputFormat::Json => print_json(&info_json(&chain[0].0, &chain[0].1)),
+        OutputFormat::Human => {
+            let texts: Vec<String> = chain.iter().map(|(i, n)| info_human(i, n)).collect();
+            println!("{}", texts.join("\n\n"));
+        }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(1_795_606_216), "2026-11-25 11:30:16");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn snapshot_table_layout_matches_qemu_img() {
+        let t = snapshot_table(&[SnapshotInfo {
+            id: "1".into(),
+            name: "snap1".into(),
+            vm_state_size: 0,
+            date_sec: 1_795_606_216,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            icount: Some(0),
+        }]);
+        assert_eq!(
+            t,
+            "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT\n\
+             1       snap1                 0 B 2026-11-25 11:30:16  0000:00:00.000          0\n"
+        );
+    }
 }

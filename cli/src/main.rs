@@ -3,13 +3,16 @@
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod io;
+mod map;
 mod size;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use vmimg::{Error, ErrorKind, Format, Image, ImageOpen};
+use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
 
 /// Disk-image toolkit: inspect, create, convert, compare and exercise VM disk images.
 #[derive(Parser, Debug)]
@@ -31,6 +34,12 @@ enum Cmd {
     Compare(compare::CompareArgs),
     /// Run qemu-io commands on an image (like `qemu-io`).
     Io(io::IoArgs),
+    /// Show the allocation map of an image (like `qemu-img map`).
+    Map(map::MapArgs),
+    /// Copy with dd's operands (like `qemu-img dd`).
+    Dd(dd::DdArgs),
+    /// List internal snapshots (like `qemu-img snapshot -l`).
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// The result every command returns: an exit status, or an error.
@@ -43,7 +52,21 @@ pub async fn open_image(
     writable: bool,
     direct: bool,
 ) -> Result<Image, Error> {
-    let mut open = ImageOpen::path(path).writable(writable).direct(direct);
+    open_image_with(
+        path,
+        format,
+        OpenOptions::new().writable(writable).direct(direct),
+    )
+    .await
+}
+
+/// Opens an image with the given options, with the named format or a probed one.
+pub async fn open_image_with(
+    path: &str,
+    format: Option<&str>,
+    opts: OpenOptions,
+) -> Result<Image, Error> {
+    let mut open = ImageOpen::path(path).options(opts);
     if let Some(f) = format {
         open = open.format(Format::from_name(f)?);
     }
@@ -76,6 +99,9 @@ fn main() -> ExitCode {
             Cmd::Convert(a) => convert::run(a).await,
             Cmd::Compare(a) => compare::run(a).await,
             Cmd::Io(a) => io::run(a).await,
+            Cmd::Map(a) => map::run(a).await,
+            Cmd::Dd(a) => dd::run(a).await,
+            Cmd::Snapshot(a) => snapshot::run(a).await,
         }
     });
     match result {

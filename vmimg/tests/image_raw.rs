@@ -380,7 +380,7 @@ async fn block_status_on_sparse_file(f: Fixture) {
     let st = img.block_status(0, 4 * MIB).await.unwrap();
     assert_eq!(
         (st.offset, st.len, st.depth, st.kind),
-        (0, MIB, 0, BlockStatusKind::Zero),
+        (0, MIB, 0, BlockStatusKind::Zero { host_offset: Some(0) }),
         "the hole before the data"
     );
     assert!(st.zero() && st.present());
@@ -407,14 +407,23 @@ async fn block_status_on_sparse_file(f: Fixture) {
 
     let rest = 3 * MIB - (64 << 10);
     let st = img.block_status(MIB + (64 << 10), rest).await.unwrap();
-    assert_eq!((st.len, st.kind), (rest, BlockStatusKind::Zero), "the tail");
+    assert_eq!(
+        (st.len, st.kind),
+        (
+            rest,
+            BlockStatusKind::Zero {
+                host_offset: Some(MIB + (64 << 10))
+            }
+        ),
+        "the tail"
+    );
 
     // Punching the data out turns it back into a hole.
     img.write_zeroes(MIB, 64 << 10, true).await.unwrap();
     let st = img.block_status(0, 4 * MIB).await.unwrap();
     assert_eq!(
         (st.len, st.kind),
-        (4 * MIB, BlockStatusKind::Zero),
+        (4 * MIB, BlockStatusKind::Zero { host_offset: Some(0) }),
         "after unmap"
     );
 
@@ -748,7 +757,10 @@ fn blocking_image_works_without_a_runtime() {
     assert_eq!(&buf, b"\0\0\0\0\0\0ing \0\0llo\0");
 
     let st = img.block_status(0, 8192).unwrap();
-    assert_eq!((st.len, st.kind), (8192, BlockStatusKind::Zero));
+    assert_eq!(
+        (st.len, st.kind),
+        (8192, BlockStatusKind::Zero { host_offset: Some(0) })
+    );
     let st = img.block_status(12_288, 100).unwrap();
     assert_eq!(
         st.kind,

@@ -51,18 +51,21 @@ impl Drop for Inner {
     }
 }
 
-/// Allocation status of a guest range (the answer of [`Image::block_status`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Allocation status of a guest range (the answer of [`Image::block_status`]), in the terms
+/// of `qemu-img map`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockStatus {
     /// Guest offset of the range.
     pub offset: u64,
     /// Length of the range.
     pub len: u64,
-    /// Chain depth that answers for the range (0: the image itself); equals the chain
-    /// length when no layer allocates it.
+    /// Chain depth that answers for the range (0: the image itself). For ranges allocated
+    /// nowhere it is the deepest layer that covers the range, as in `qemu-img map`.
     pub depth: usize,
     /// What the range holds.
     pub kind: BlockStatusKind,
+    /// The file holding the data, when there is one.
+    pub file: Option<std::path::PathBuf>,
 }
 
 /// What a guest range holds, as far as the chain says.
@@ -73,10 +76,18 @@ pub enum BlockStatusKind {
         /// Host offset of the first byte.
         host_offset: u64,
     },
+    /// Data allocated at `host_offset`, but over a hole: reads as zeros.
+    DataZero {
+        /// Host offset of the first byte.
+        host_offset: u64,
+    },
     /// Data stored compressed.
     Compressed,
     /// Reads as zeros, recorded as such by the answering layer.
-    Zero,
+    Zero {
+        /// Host offset still assigned to the range, if any.
+        host_offset: Option<u64>,
+    },
     /// Allocated nowhere in the chain: reads as zeros.
     Unallocated,
 }
@@ -87,12 +98,40 @@ impl BlockStatus {
         !matches!(self.kind, BlockStatusKind::Unallocated)
     }
 
-    /// Whether the range reads as zeros.
+    /// Whether the range reads as zeros (qemu-img map's `zero`).
     pub fn zero(&self) -> bool {
         matches!(
             self.kind,
-            BlockStatusKind::Zero | BlockStatusKind::Unallocated
+            BlockStatusKind::Zero { .. }
+                | BlockStatusKind::DataZero { .. }
+                | BlockStatusKind::Unallocated
         )
+    }
+
+    /// Whether the range holds data (qemu-img map's `data`).
+    pub fn data(&self) -> bool {
+        matches!(
+            self.kind,
+            BlockStatusKind::Data { .. }
+                | BlockStatusKind::DataZero { .. }
+                | BlockStatusKind::Compressed
+        )
+    }
+
+    /// Whether the range is compressed.
+    pub fn compressed(&self) -> bool {
+        matches!(self.kind, BlockStatusKind::Compressed)
+    }
+
+    /// Host offset of the range, when it has one (qemu-img map's `offset`).
+    pub fn host_offset(&self) -> Option<u64> {
+        match self.kind {
+            BlockStatusKind::Data { host_offset } | BlockStatusKind::DataZero { host_offset } => {
+                Some(host_offset)
+            }
+            BlockStatusKind::Zero { host_offset } => host_offset,
+            _ => None,
+        }
     }
 }
 
@@ -219,7 +258,7 @@ pub(super) async fn read_chain(
                 MapKind::Data { storage, offset } => {
                     ios.push(Box::pin(read_storage(storage, offset, piece)));
                 }
-                MapKind::Zero => zero_fill(piece),
+                MapKind::Zero { .. } | MapKind::DataZero { .. } => zero_fill(piece),
                 MapKind::Unallocated => work.push((depth + 1, pos, piece)),
                 MapKind::Compressed(desc) => {
                     ios.push(Box::pin(read_compressed(layer, desc, pos, piece)));
@@ -591,16 +630,13 @@ impl Image {
                 .with_operation("block_status"));
         }
         let mut len = len;
+        let mut covering = 0;
         for (depth, layer) in self.inner.layers.iter().enumerate() {
             if offset >= layer.size() {
                 // Past the end of a shorter backing file: zeros, allocated nowhere.
-                return Ok(BlockStatus {
-                    offset,
-                    len,
-                    depth: self.inner.layers.len(),
-                    kind: BlockStatusKind::Unallocated,
-                });
+                break;
             }
+            covering = depth;
             len = len.min(layer.size() - offset);
             let m = layer
                 .map(offset, len, MapQuery::Status)
@@ -610,10 +646,27 @@ impl Image {
                 return Err(bad_mapping(layer.as_ref(), offset, m.len));
             }
             len = m.len;
-            let kind = match m.kind {
-                MapKind::Data { offset: host, .. } => BlockStatusKind::Data { host_offset: host },
-                MapKind::Zero => BlockStatusKind::Zero,
-                MapKind::Compressed(_) => BlockStatusKind::Compressed,
+            let file_of = |s: &dyn Storage| s.path().map(std::path::Path::to_path_buf);
+            let (kind, file) = match m.kind {
+                MapKind::Data { storage, offset } => (
+                    BlockStatusKind::Data {
+                        host_offset: offset,
+                    },
+                    file_of(storage),
+                ),
+                MapKind::DataZero { storage, offset } => (
+                    BlockStatusKind::DataZero {
+                        host_offset: offset,
+                    },
+                    file_of(storage),
+                ),
+                MapKind::Zero { offset } => (
+                    BlockStatusKind::Zero {
+                        host_offset: offset,
+                    },
+                    file_of(layer.storage()),
+                ),
+                MapKind::Compressed(_) => (BlockStatusKind::Compressed, file_of(layer.storage())),
                 MapKind::Unallocated => continue,
             };
             return Ok(BlockStatus {
@@ -621,13 +674,15 @@ impl Image {
                 len,
                 depth,
                 kind,
+                file,
             });
         }
         Ok(BlockStatus {
             offset,
             len,
-            depth: self.inner.layers.len(),
+            depth: covering,
             kind: BlockStatusKind::Unallocated,
+            file: None,
         })
     }
 }
@@ -779,9 +834,10 @@ mod tests {
         assert!(buf[128 << 10..].iter().all(|&b| b == 0), "past backing end");
         let st = top.block_status(0, 256 << 10).await.unwrap();
         assert_eq!((st.depth, st.len), (1, 64 << 10));
+        // Past the backing file's end: allocated nowhere, answered by the top (as qemu-img).
         let st = top.block_status(128 << 10, 128 << 10).await.unwrap();
         assert_eq!(st.kind, BlockStatusKind::Unallocated);
-        assert_eq!(st.depth, 2);
+        assert_eq!(st.depth, 0);
     }
 
     #[tokio::test]

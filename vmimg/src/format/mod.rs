@@ -90,8 +90,21 @@ pub enum MapKind<'a> {
         /// Host offset of the first byte.
         offset: u64,
     },
-    /// Reads as zeros at this layer (a zero cluster, or a hole in a raw file).
-    Zero,
+    /// Reads as zeros at this layer: a zero cluster, or a hole in a raw file. `offset` is
+    /// the host offset still assigned to the range, if any (a preallocated zero cluster, the
+    /// hole's own offset in a raw file).
+    Zero {
+        /// Host offset assigned to the range, if any.
+        offset: Option<u64>,
+    },
+    /// Allocated at `offset` in `storage`, but the host range is a hole, so it reads as zeros
+    /// (only reported by [`MapQuery::Status`] queries).
+    DataZero {
+        /// The storage holding the range.
+        storage: &'a dyn Storage,
+        /// Host offset of the first byte.
+        offset: u64,
+    },
     /// Not allocated at this layer: reads fall through to the backing image, or are zeros
     /// without one.
     Unallocated,
@@ -115,8 +128,8 @@ pub enum MapQuery {
     /// For reading: holes may be reported as data (a read of a hole returns zeros anyway),
     /// which spares a system call per request.
     Read,
-    /// For status queries (`map`, `convert`): report zero ranges as [`MapKind::Zero`]
-    /// wherever the driver can tell cheaply.
+    /// For status queries (`map`, `convert`): report zero ranges as [`MapKind::Zero`] or
+    /// [`MapKind::DataZero`] wherever the driver can tell.
     Status,
 }
 
@@ -212,6 +225,8 @@ pub struct ImageDescription {
     pub actual_size: Option<u64>,
     /// The backing file name as stored in the image.
     pub backing_filename: Option<String>,
+    /// The backing file name resolved against the image's location.
+    pub full_backing_filename: Option<String>,
     /// The backing file format as stored in the image.
     pub backing_format: Option<String>,
     /// Whether the image is marked dirty.

@@ -28,8 +28,8 @@ pub const ZERO: u64 = 1;
 pub enum ClusterState {
     /// Not allocated here: read from the backing file.
     Unallocated,
-    /// Reads as zeros.
-    Zero,
+    /// Reads as zeros; the host offset still assigned (preallocated), if any.
+    Zero(Option<u64>),
     /// Data at this host offset (of the subcluster's first byte).
     Data(u64),
     /// Compressed cluster with this descriptor (bits 0..=61 of the entry).
@@ -83,7 +83,9 @@ impl L2Entry {
             let zero_bit = self.bitmap & (1 << (32 + sc)) != 0;
             return match (alloc_bit, zero_bit) {
                 (true, true) => Err(EntryError::AllocatedAndZero(sc)),
-                (false, true) => Ok(ClusterState::Zero),
+                (false, true) => Ok(ClusterState::Zero(
+                    allocated.then(|| host + u64::from(sc) * g.subcluster_size()),
+                )),
                 (false, false) => Ok(ClusterState::Unallocated),
                 (true, false) if !allocated => Err(EntryError::AllocatedWithoutOffset(sc)),
                 (true, false) => {
@@ -96,7 +98,7 @@ impl L2Entry {
         }
         if self.entry & ZERO != 0 {
             // Preallocated or not, the cluster reads as zeros.
-            return Ok(ClusterState::Zero);
+            return Ok(ClusterState::Zero(allocated.then_some(host)));
         }
         if !allocated {
             return Ok(ClusterState::Unallocated);
@@ -270,9 +272,9 @@ mod tests {
         );
         assert_eq!(
             e(0x50000 | ZERO).state(g(), 0, false),
-            Ok(ClusterState::Zero)
+            Ok(ClusterState::Zero(Some(0x50000)))
         );
-        assert_eq!(e(ZERO).state(g(), 0, false), Ok(ClusterState::Zero));
+        assert_eq!(e(ZERO).state(g(), 0, false), Ok(ClusterState::Zero(None)));
         assert_eq!(
             e(0x50200).state(g(), 0, false),
             Err(EntryError::Unaligned(0x50200))
@@ -298,7 +300,10 @@ mod tests {
             e.state(g, 2, false),
             Ok(ClusterState::Data(0x80000 + 2 * 2048))
         );
-        assert_eq!(e.state(g, 3, false), Ok(ClusterState::Zero));
+        assert_eq!(
+            e.state(g, 3, false),
+            Ok(ClusterState::Zero(Some(0x80000 + 3 * 2048)))
+        );
         let bad = L2Entry {
             entry: 0x80000,
             bitmap: 1 | (1 << 32),

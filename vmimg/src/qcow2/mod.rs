@@ -25,7 +25,7 @@ use crate::format::{
     BitmapInfo, ChainView, DiscardMode, Format, FormatDriver, FormatSpecific, ImageDescription,
     MapKind, MapQuery, Mapping, Qcow2Specific, SnapshotInfo, WriteTarget,
 };
-use crate::storage::{BoxFuture, PreallocMode, Storage, StorageExt};
+use crate::storage::{BoxFuture, HostExtent, PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use l2::{ClusterState, EntryError, L2Cache, L2Table, L1_OFFSET_MASK};
 use std::sync::{Arc, Mutex};
@@ -297,7 +297,8 @@ impl Qcow2Driver {
             let same = match (first, next) {
                 // Data merges only where it is contiguous on the host too.
                 (ClusterState::Data(a), ClusterState::Data(b)) => b == a + (pos - base),
-                (ClusterState::Zero, ClusterState::Zero) => true,
+                (ClusterState::Zero(None), ClusterState::Zero(None)) => true,
+                (ClusterState::Zero(Some(a)), ClusterState::Zero(Some(b))) => b == a + (pos - base),
                 (ClusterState::Unallocated, ClusterState::Unallocated) => true,
                 _ => false,
             };
@@ -393,16 +394,32 @@ impl FormatDriver for Qcow2Driver {
         self.file.as_ref()
     }
 
-    fn map(&self, offset: u64, len: u64, _query: MapQuery) -> BoxFuture<'_, Result<Mapping<'_>>> {
+    fn map(&self, offset: u64, len: u64, query: MapQuery) -> BoxFuture<'_, Result<Mapping<'_>>> {
         Box::pin(async move {
             let (state, len) = self.map_run(offset, len).await?;
+            let within = offset % self.geometry.subcluster_size();
             let kind = match state {
                 ClusterState::Unallocated => MapKind::Unallocated,
-                ClusterState::Zero => MapKind::Zero,
-                ClusterState::Data(host) => MapKind::Data {
-                    storage: self.data.as_ref(),
-                    offset: host + offset % self.geometry.subcluster_size(),
+                ClusterState::Zero(host) => MapKind::Zero {
+                    offset: host.map(|h| h + within),
                 },
+                ClusterState::Data(host) => {
+                    let storage = self.data.as_ref();
+                    let offset = host + within;
+                    if query == MapQuery::Status && !self.header.has_data_file() {
+                        // Data clusters over holes in the image file read as zeros
+                        // (preallocation=metadata): report that, as QEMU does. QEMU does not
+                        // look into external data files, so neither do we.
+                        let (extent, n) = storage.extent(offset, len).await?;
+                        let len = n.min(len);
+                        let kind = match extent {
+                            HostExtent::Hole => MapKind::DataZero { storage, offset },
+                            HostExtent::Data => MapKind::Data { storage, offset },
+                        };
+                        return Ok(Mapping { len, kind });
+                    }
+                    MapKind::Data { storage, offset }
+                }
                 ClusterState::Compressed(d) => MapKind::Compressed(d),
             };
             Ok(Mapping { len, kind })
@@ -480,6 +497,12 @@ impl FormatDriver for Qcow2Driver {
             filename: self.file.path().map(|p| p.display().to_string()),
             actual_size: self.file.allocated_size(),
             backing_filename: self.header.backing_file.clone(),
+            full_backing_filename: self.header.backing_file.as_deref().map(|name| {
+                self.file
+                    .resolve_name(name)
+                    .map(|r| r.path.display().to_string())
+                    .unwrap_or_else(|_| name.to_string())
+            }),
             backing_format: self.header.backing_format.clone(),
             dirty: self.header.is_dirty(),
             cluster_size: Some(self.geometry.cluster_size()),

@@ -88,7 +88,9 @@ impl FormatDriver for RawDriver {
                 HostExtent::Data => Mapping { len, ..data },
                 HostExtent::Hole => Mapping {
                     len,
-                    kind: MapKind::Zero,
+                    kind: MapKind::Zero {
+                        offset: Some(offset),
+                    },
                 },
             })
         })

@@ -1,0 +1,48 @@
+//! `vmimg snapshot`: list internal snapshots (creating, applying and deleting need the qcow2
+//! write path).
+
+use crate::info::snapshot_table;
+use crate::{open_image, usage_error, CmdResult};
+use clap::Args;
+use vmimg::{Error, ErrorKind};
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// Image format (probed when absent; do not probe untrusted images).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// List the snapshots.
+    #[arg(short = 'l')]
+    list: bool,
+    /// Create a snapshot.
+    #[arg(short = 'c', value_name = "NAME")]
+    create: Option<String>,
+    /// Apply (revert to) a snapshot.
+    #[arg(short = 'a', value_name = "NAME")]
+    apply: Option<String>,
+    /// Delete a snapshot.
+    #[arg(short = 'd', value_name = "NAME")]
+    delete: Option<String>,
+    /// Force share (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    filename: String,
+}
+
+pub async fn run(args: SnapshotArgs) -> CmdResult {
+    if args.create.is_some() || args.apply.is_some() || args.delete.is_some() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "creating, applying and deleting snapshots needs the qcow2 write path, \
+             which is not implemented yet",
+        ));
+    }
+    if !args.list {
+        return Err(usage_error("snapshot: one of -l, -c, -a, -d is required"));
+    }
+    let image = open_image(&args.filename, args.format.as_deref(), false, false).await?;
+    let snapshots = image.describe().snapshots;
+    print!("Snapshot list:\n{}", snapshot_table(&snapshots));
+    Ok(0)
+}
