@@ -45,7 +45,7 @@ pub use format::{
     BlockStatus, BlockStatusKind, BlockingImage, DiscardMode, Format, FormatDriver, Image,
     ImageDescription, ImageOpen, ImplicitOpenPolicy, OpenOptions, PolicyDecision,
 };
-pub use qcow2::Qcow2Open;
+pub use qcow2::{Qcow2Create, Qcow2Open};
 pub use raw::{RawCreate, RawOpen};
 pub use storage::{
     FileStorage, FileStorageOpen, MemoryStorage, NullStorage, PreallocMode, Storage, StorageExt,

@@ -380,7 +380,14 @@ async fn block_status_on_sparse_file(f: Fixture) {
     let st = img.block_status(0, 4 * MIB).await.unwrap();
     assert_eq!(
         (st.offset, st.len, st.depth, st.kind),
-        (0, MIB, 0, BlockStatusKind::Zero { host_offset: Some(0) }),
+        (
+            0,
+            MIB,
+            0,
+            BlockStatusKind::Zero {
+                host_offset: Some(0)
+            }
+        ),
         "the hole before the data"
     );
     assert!(st.zero() && st.present());
@@ -423,7 +430,12 @@ async fn block_status_on_sparse_file(f: Fixture) {
     let st = img.block_status(0, 4 * MIB).await.unwrap();
     assert_eq!(
         (st.len, st.kind),
-        (4 * MIB, BlockStatusKind::Zero { host_offset: Some(0) }),
+        (
+            4 * MIB,
+            BlockStatusKind::Zero {
+                host_offset: Some(0)
+            }
+        ),
         "after unmap"
     );
 
@@ -759,7 +771,12 @@ fn blocking_image_works_without_a_runtime() {
     let st = img.block_status(0, 8192).unwrap();
     assert_eq!(
         (st.len, st.kind),
-        (8192, BlockStatusKind::Zero { host_offset: Some(0) })
+        (
+            8192,
+            BlockStatusKind::Zero {
+                host_offset: Some(0)
+            }
+        )
     );
     let st = img.block_status(12_288, 100).unwrap();
     assert_eq!(

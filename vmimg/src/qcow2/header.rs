@@ -679,6 +679,121 @@ impl Header {
         self.autoclear_features & autoclear::BITMAPS != 0
     }
 
+    /// The feature name table QEMU writes into v3 images.
+    pub fn standard_feature_names() -> Vec<FeatureName> {
+        [
+            (0, 0, "dirty bit"),
+            (0, 1, "corrupt bit"),
+            (0, 2, "external data file"),
+            (0, 3, "compression type"),
+            (0, 4, "extended L2 entries"),
+            (1, 0, "lazy refcounts"),
+            (2, 0, "bitmaps"),
+            (2, 1, "raw external data"),
+        ]
+        .into_iter()
+        .map(|(kind, bit, name)| FeatureName {
+            kind,
+            bit,
+            name: name.to_string(),
+        })
+        .collect()
+    }
+
+    /// Serialises the header, its extensions and the backing file name into the bytes of
+    /// the header cluster prefix (`backing_file_offset` and `backing_file_size` are
+    /// recomputed). Fails if it does not fit in one cluster.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, HeaderError> {
+        let cluster_size = 1usize << self.cluster_bits;
+        let mut b = vec![0u8; self.header_length as usize];
+        let put32 =
+            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        b[0..4].copy_from_slice(&MAGIC);
+        put32(&mut b, 4, self.version);
+        put32(&mut b, 20, self.cluster_bits);
+        put64(&mut b, 24, self.size);
+        put32(&mut b, 32, self.crypt_method);
+        put32(&mut b, 36, self.l1_size);
+        put64(&mut b, 40, self.l1_table_offset);
+        put64(&mut b, 48, self.refcount_table_offset);
+        put32(&mut b, 56, self.refcount_table_clusters);
+        put32(&mut b, 60, self.nb_snapshots);
+        put64(&mut b, 64, self.snapshots_offset);
+        if self.version >= 3 {
+            put64(&mut b, 72, self.incompatible_features);
+            put64(&mut b, 80, self.compatible_features);
+            put64(&mut b, 88, self.autoclear_features);
+            put32(&mut b, 96, self.refcount_order);
+            put32(&mut b, 100, self.header_length);
+            if self.header_length > 104 {
+                b[104] = match self.compression_type {
+                    CompressionType::Deflate => 0,
+                    CompressionType::Zstd => 1,
+                };
+            }
+        }
+        let ext = |b: &mut Vec<u8>, ext_type: u32, data: &[u8]| {
+            b.extend_from_slice(&ext_type.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            b.resize(b.len().div_ceil(8) * 8, 0);
+        };
+        if let Some(f) = &self.backing_format {
+            ext(&mut b, ext::BACKING_FORMAT, f.as_bytes());
+        }
+        if let Some(d) = &self.data_file {
+            ext(&mut b, ext::DATA_FILE, d.as_bytes());
+        }
+        if let Some(c) = &self.crypto {
+            let mut data = c.offset.to_be_bytes().to_vec();
+            data.extend_from_slice(&c.length.to_be_bytes());
+            ext(&mut b, ext::CRYPTO, &data);
+        }
+        if let Some(bm) = &self.bitmaps {
+            let mut data = bm.nb_bitmaps.to_be_bytes().to_vec();
+            data.extend_from_slice(&[0; 4]);
+            data.extend_from_slice(&bm.directory_size.to_be_bytes());
+            data.extend_from_slice(&bm.directory_offset.to_be_bytes());
+            ext(&mut b, ext::BITMAPS, &data);
+        }
+        for (t, data) in &self.unknown_extensions {
+            ext(&mut b, *t, data);
+        }
+        if !self.feature_names.is_empty() {
+            let mut data = Vec::with_capacity(self.feature_names.len() * 48);
+            for f in &self.feature_names {
+                let mut e = [0u8; 48];
+                e[0] = f.kind;
+                e[1] = f.bit;
+                let n = f.name.len().min(46);
+                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
+                data.extend_from_slice(&e);
+            }
+            // QEMU leaves the table out when it would not fit; so do we.
+            let with_table =
+                b.len() + 8 + data.len() + 8 + self.backing_file.as_ref().map_or(0, String::len);
+            if with_table <= cluster_size {
+                ext(&mut b, ext::FEATURE_TABLE, &data);
+            }
+        }
+        b.extend_from_slice(&[0u8; 8]); // end of extensions
+        if let Some(name) = &self.backing_file {
+            let at = b.len() as u64;
+            put64(&mut b, 8, at);
+            put32(&mut b, 16, name.len() as u32);
+            b.extend_from_slice(name.as_bytes());
+        }
+        if b.len() > cluster_size {
+            return Err(HeaderError::HeaderLength {
+                len: b.len() as u32,
+                version: self.version,
+            });
+        }
+        Ok(b)
+    }
+
     /// `compat` as qemu-img prints it: `0.10` or `1.1`.
     pub fn compat_name(&self) -> &'static str {
         if self.version == 2 {
@@ -985,6 +1100,26 @@ pub(crate) mod tests {
         let h = Header::parse(&b).unwrap();
         assert_eq!((h.header_length, h.refcount_order), (72, 4));
         assert_eq!(h.compat_name(), "0.10");
+    }
+
+    #[test]
+    fn serialised_header_parses_back_identically() {
+        let mut h = Header::parse(&valid_v3()).unwrap();
+        h.backing_file = Some("base.qcow2".into());
+        h.backing_format = Some("qcow2".into());
+        h.data_file = None;
+        h.feature_names = Header::standard_feature_names();
+        h.unknown_extensions = vec![(0x1234, vec![1, 2, 3])];
+        let mut bytes = h.to_bytes().unwrap();
+        bytes.resize(65536, 0);
+        let mut back = Header::parse(&bytes).unwrap();
+        back.backing_file_offset = h.backing_file_offset;
+        back.backing_file_size = h.backing_file_size;
+        assert_eq!(back.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(back.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(back.feature_names, h.feature_names);
+        assert_eq!(back.unknown_extensions, h.unknown_extensions);
+        assert_eq!(back.size, h.size);
     }
 
     #[test]

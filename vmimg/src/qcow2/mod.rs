@@ -12,12 +12,16 @@
 
 mod bitmaps;
 mod compress;
+mod create;
 pub mod header;
 mod l2;
+#[allow(dead_code)] // used by the write path being built
+mod refcount;
 pub mod snapshot;
 pub mod types;
 
 pub use bitmaps::BitmapEntry;
+pub use create::Qcow2Create;
 pub use header::{CompressionType, Header, HeaderError};
 pub use snapshot::Snapshot;
 

@@ -1,0 +1,603 @@
+//! Reference counts: the two-level refcount structure, refcount widths 1..=64 bits, and the
+//! free-cluster allocator.
+//!
+//! ```text
+//!  host cluster c --> reftable[c / entries_per_block] --> refcount block (one cluster)
+//!                     --> entry c % entries_per_block (refcount_bits wide)
+//!  entries_per_block = cluster_size * 8 / refcount_bits
+//!  sub-byte widths: bit 0 of an entry is the least significant bit of its byte position
+//! ```
+//!
+//! All state lives behind the caller's metadata lock; dirty blocks are written by
+//! [`Refcounts::flush`] (before any L2 table that uses the clusters they count).
+
+use super::types::Geometry;
+use crate::storage::{Storage, StorageExt};
+use crate::{Error, ErrorKind, Result};
+use std::collections::HashMap;
+
+/// Bits 9..=63 of a reftable entry: the refcount block offset.
+pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Clean refcount blocks kept in memory before the least useful are dropped.
+const MAX_CACHED_BLOCKS: usize = 1024;
+
+/// Reads entry `index` of a refcount block with `order` (width = 1 << order bits).
+pub fn get_entry(block: &[u8], order: u32, index: u64) -> u64 {
+    let bits = 1u64 << order;
+    if bits >= 8 {
+        let bytes = (bits / 8) as usize;
+        let at = index as usize * bytes;
+        block[at..at + bytes]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    } else {
+        let bit = index * bits;
+        let byte = block[(bit / 8) as usize];
+        (u64::from(byte) >> (bit % 8)) & ((1 << bits) - 1)
+    }
+}
+
+/// Writes entry `index` of a refcount block with `order`. `value` must fit the width.
+pub fn set_entry(block: &mut [u8], order: u32, index: u64, value: u64) {
+    let bits = 1u64 << order;
+    if bits >= 8 {
+        let bytes = (bits / 8) as usize;
+        let at = index as usize * bytes;
+        let be = value.to_be_bytes();
+        block[at..at + bytes].copy_from_slice(&be[8 - bytes..]);
+    } else {
+        let bit = index * bits;
+        let mask = ((1u64 << bits) - 1) as u8;
+        let shift = (bit % 8) as u8;
+        let b = &mut block[(bit / 8) as usize];
+        *b = (*b & !(mask << shift)) | (((value as u8) & mask) << shift);
+    }
+}
+
+struct Block {
+    bytes: Vec<u8>,
+    dirty: bool,
+}
+
+/// The refcount structure of one image, with a cache of refcount blocks.
+pub struct Refcounts {
+    geometry: Geometry,
+    order: u32,
+    reftable_offset: u64,
+    reftable_clusters: u64,
+    reftable: Vec<u64>,
+    reftable_dirty: bool,
+    blocks: HashMap<u64, Block>,
+    /// No cluster below this index is free (a search hint, not a promise beyond the hint).
+    free_hint: u64,
+    /// The table replaced by the last move, freed once the header no longer points to it.
+    old_table: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Refcounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refcounts")
+            .field("order", &self.order)
+            .field("reftable_offset", &self.reftable_offset)
+            .field("reftable_entries", &self.reftable.len())
+            .field("cached_blocks", &self.blocks.len())
+            .finish()
+    }
+}
+
+/// Where the refcount table moved to (the header must be updated to point there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReftableMove {
+    /// New offset.
+    pub offset: u64,
+    /// New size in clusters.
+    pub clusters: u64,
+}
+
+impl Refcounts {
+    /// Loads the refcount table described by the header fields.
+    pub async fn load(
+        file: &dyn Storage,
+        geometry: Geometry,
+        order: u32,
+        reftable_offset: u64,
+        reftable_clusters: u32,
+    ) -> Result<Self> {
+        let bytes = u64::from(reftable_clusters) * geometry.cluster_size();
+        let mut raw = vec![0u8; bytes as usize];
+        file.read_at(reftable_offset, &mut raw).await?;
+        let reftable = raw
+            .chunks_exact(8)
+            .map(|w| u64::from_be_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        Ok(Refcounts {
+            geometry,
+            order,
+            reftable_offset,
+            reftable_clusters: u64::from(reftable_clusters),
+            reftable,
+            reftable_dirty: false,
+            blocks: HashMap::new(),
+            free_hint: 0,
+            old_table: None,
+        })
+    }
+
+    /// Refcount width in bits.
+    pub fn bits(&self) -> u32 {
+        1 << self.order
+    }
+
+    /// Largest refcount the width can hold.
+    pub fn max_refcount(&self) -> u64 {
+        if self.order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << self.bits()) - 1
+        }
+    }
+
+    fn entries_per_block(&self) -> u64 {
+        (self.geometry.cluster_size() * 8) >> self.order
+    }
+
+    /// The current refcount table offset and size in clusters.
+    pub fn reftable_location(&self) -> (u64, u64) {
+        (self.reftable_offset, self.reftable_clusters)
+    }
+
+    async fn block_mut(&mut self, file: &dyn Storage, offset: u64) -> Result<&mut Block> {
+        if !self.blocks.contains_key(&offset) {
+            if self.blocks.len() >= MAX_CACHED_BLOCKS {
+                self.blocks.retain(|_, b| b.dirty);
+            }
+            let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
+            file.read_at(offset, &mut bytes).await?;
+            self.blocks.insert(
+                offset,
+                Block {
+                    bytes,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(self.blocks.get_mut(&offset).expect("inserted above"))
+    }
+
+    fn block_offset(&self, table_index: u64) -> Result<Option<u64>> {
+        let Some(&entry) = self.reftable.get(table_index as usize) else {
+            return Ok(None);
+        };
+        let off = entry & REFTABLE_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if self.geometry.in_cluster(off) != 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "refcount block offset {off:#x} is unaligned (reftable index {table_index})"
+                ),
+            ));
+        }
+        Ok(Some(off))
+    }
+
+    /// The refcount of host cluster `cluster`.
+    pub async fn get(&mut self, file: &dyn Storage, cluster: u64) -> Result<u64> {
+        let epb = self.entries_per_block();
+        let Some(block) = self.block_offset(cluster / epb)? else {
+            return Ok(0);
+        };
+        let order = self.order;
+        let b = self.block_mut(file, block).await?;
+        Ok(get_entry(&b.bytes, order, cluster % epb))
+    }
+
+    fn check_value(&self, cluster: u64, value: u64) -> Result<()> {
+        if value > self.max_refcount() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "refcount of cluster {cluster:#x} would exceed the {}-bit maximum",
+                    self.bits()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the refcount of host cluster `cluster` (creating its refcount block, and growing
+    /// the refcount table, when needed). Returns a table move the header must record.
+    pub async fn set(
+        &mut self,
+        file: &dyn Storage,
+        cluster: u64,
+        value: u64,
+    ) -> Result<Option<ReftableMove>> {
+        self.check_value(cluster, value)?;
+        let epb = self.entries_per_block();
+        let index = cluster / epb;
+        let mut moved = None;
+        if self.block_offset(index)?.is_none() {
+            if value == 0 {
+                return Ok(None);
+            }
+            if index as usize >= self.reftable.len() {
+                moved = Some(self.grow_reftable(file, index + 1, cluster + 1).await?);
+            }
+            if self.block_offset(index)?.is_none() {
+                self.create_block(index, cluster..cluster + 1);
+            }
+        }
+        self.set_existing(file, cluster, value).await?;
+        Ok(moved)
+    }
+
+    /// Sets a refcount whose block exists.
+    async fn set_existing(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+        let epb = self.entries_per_block();
+        let block = self
+            .block_offset(cluster / epb)?
+            .expect("caller made sure the block exists");
+        let order = self.order;
+        let b = self.block_mut(file, block).await?;
+        set_entry(&mut b.bytes, order, cluster % epb, value);
+        b.dirty = true;
+        if value == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(())
+    }
+
+    /// Creates the refcount block of table index `index` inside its own range (so it counts
+    /// itself), on a cluster outside `avoid`. Every cluster of a range without a block has
+    /// refcount 0, so any of them is free.
+    fn create_block(&mut self, index: u64, avoid: std::ops::Range<u64>) {
+        let epb = self.entries_per_block();
+        let first = index * epb;
+        let home = (first..first + epb)
+            .find(|c| !avoid.contains(c))
+            .expect("allocation runs never cover a whole refcount block range");
+        let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
+        set_entry(&mut bytes, self.order, home - first, 1);
+        let home_offset = home << self.geometry.cluster_bits();
+        self.blocks
+            .insert(home_offset, Block { bytes, dirty: true });
+        self.reftable[index as usize] = home_offset;
+        self.reftable_dirty = true;
+    }
+
+    /// Longest run the allocator hands out at once (half a refcount block's range, so a new
+    /// block always finds a home beside the run).
+    pub fn max_run(&self) -> u64 {
+        self.entries_per_block() / 2
+    }
+
+    /// Allocates `n` (at most [`Refcounts::max_run`]) contiguous free clusters with refcount
+    /// 1 and returns the first. Freed clusters are reused; past the last counted cluster
+    /// everything is free.
+    pub async fn alloc(
+        &mut self,
+        file: &dyn Storage,
+        n: u64,
+    ) -> Result<(u64, Option<ReftableMove>)> {
+        debug_assert!(n >= 1 && n <= self.max_run());
+        let epb = self.entries_per_block();
+        let mut start = self.free_hint;
+        let mut run = 0;
+        while run < n {
+            let c = start + run;
+            if self.get(file, c).await? == 0 {
+                run += 1;
+            } else {
+                start = c + 1;
+                run = 0;
+            }
+        }
+        let mut moved = None;
+        let last = (start + n - 1) / epb;
+        if last as usize >= self.reftable.len() {
+            moved = Some(self.grow_reftable(file, last + 1, start + n).await?);
+        }
+        for index in start / epb..=last {
+            if self.block_offset(index)?.is_none() {
+                self.create_block(index, start..start + n);
+            }
+        }
+        for c in start..start + n {
+            self.set_existing(file, c, 1).await?;
+        }
+        self.free_hint = start + n;
+        Ok((start, moved))
+    }
+
+    /// Moves the refcount table to a larger area at the end of the file, with at least
+    /// `min_entries` entries and placed at or after cluster `min_start`. The new table and
+    /// any refcount blocks it needs form one region that counts itself. The caller must
+    /// record the move in the header, then call [`Refcounts::release_old_table`].
+    async fn grow_reftable(
+        &mut self,
+        file: &dyn Storage,
+        min_entries: u64,
+        min_start: u64,
+    ) -> Result<ReftableMove> {
+        let cs = self.geometry.cluster_size();
+        let bits = self.geometry.cluster_bits();
+        let epb = self.entries_per_block();
+        let start = (file.size()?.div_ceil(cs))
+            .max(min_start)
+            .max(self.highest_used_cluster() + 1);
+        let mut clusters = (min_entries * 8)
+            .div_ceil(cs)
+            .max(self.reftable_clusters * 2)
+            .max(1);
+        let missing = |table_len: usize, table: &[u64], end: u64| -> Vec<u64> {
+            (start / epb..=(end - 1) / epb)
+                .filter(|&i| {
+                    i as usize >= table_len || table[i as usize] & REFTABLE_OFFSET_MASK == 0
+                })
+                .collect()
+        };
+        // Fixed point: region = table clusters + one new block per uncovered index.
+        let mut new_blocks;
+        loop {
+            let mut k = 0u64;
+            loop {
+                new_blocks = missing(self.reftable.len(), &self.reftable, start + clusters + k);
+                if new_blocks.len() as u64 == k {
+                    break;
+                }
+                k = new_blocks.len() as u64;
+            }
+            let end = start + clusters + k;
+            let entries = min_entries.max((end - 1) / epb + 1);
+            if entries * 8 <= clusters * cs {
+                break;
+            }
+            clusters = (entries * 8).div_ceil(cs);
+        }
+        let end = start + clusters + new_blocks.len() as u64;
+        let mut table = self.reftable.clone();
+        table.resize((clusters * cs / 8) as usize, 0);
+        for (k, &index) in new_blocks.iter().enumerate() {
+            let home = start + clusters + k as u64;
+            self.blocks.insert(
+                home << bits,
+                Block {
+                    bytes: vec![0u8; cs as usize],
+                    dirty: true,
+                },
+            );
+            table[index as usize] = home << bits;
+        }
+        let old = std::mem::replace(&mut self.reftable, table);
+        for c in start..end {
+            self.set_existing(file, c, 1).await?;
+        }
+        // Blocks first, then the table, then make both durable before the header moves.
+        self.write_dirty_blocks(file).await?;
+        let raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        file.write_at(start << bits, &raw).await?;
+        file.sync().await?;
+        drop(old);
+        self.old_table = Some((self.reftable_offset, self.reftable_clusters));
+        self.reftable_offset = start << bits;
+        self.reftable_clusters = clusters;
+        self.reftable_dirty = false;
+        self.free_hint = self.free_hint.max(end);
+        Ok(ReftableMove {
+            offset: start << bits,
+            clusters,
+        })
+    }
+
+    /// Frees the clusters of the refcount table replaced by the last move (call after the
+    /// header points to the new table).
+    pub async fn release_old_table(&mut self, file: &dyn Storage) -> Result<()> {
+        if let Some((offset, clusters)) = self.old_table.take() {
+            let first = offset >> self.geometry.cluster_bits();
+            for c in first..first + clusters {
+                self.set_existing(file, c, 0).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn highest_used_cluster(&self) -> u64 {
+        let bits = self.geometry.cluster_bits();
+        let blocks = self
+            .reftable
+            .iter()
+            .map(|e| (e & REFTABLE_OFFSET_MASK) >> bits)
+            .max()
+            .unwrap_or(0);
+        let table_end = (self.reftable_offset >> bits) + self.reftable_clusters;
+        blocks.max(table_end.saturating_sub(1))
+    }
+
+    async fn write_dirty_blocks(&mut self, file: &dyn Storage) -> Result<()> {
+        let mut dirty: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(&o, _)| o)
+            .collect();
+        dirty.sort_unstable();
+        for o in dirty {
+            let b = self.blocks.get_mut(&o).expect("listed above");
+            file.write_at(o, &b.bytes).await?;
+            b.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Writes dirty refcount blocks, then (after a durability barrier when `barrier` is set)
+    /// the refcount table if it changed.
+    pub async fn flush(&mut self, file: &dyn Storage, barrier: bool) -> Result<()> {
+        self.write_dirty_blocks(file).await?;
+        if self.reftable_dirty {
+            if barrier {
+                file.sync().await?;
+            }
+            let raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+            file.write_at(self.reftable_offset, &raw).await?;
+            self.reftable_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Whether anything awaits [`Refcounts::flush`].
+    pub fn is_dirty(&self) -> bool {
+        self.reftable_dirty || self.blocks.values().any(|b| b.dirty)
+    }
+
+    /// Drops cached blocks (after another process changed the image); dirty blocks are kept.
+    pub fn invalidate(&mut self) {
+        self.blocks.retain(|_, b| b.dirty);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    #[test]
+    fn entries_of_every_width_round_trip_without_touching_neighbours() {
+        for order in 0..=6u32 {
+            let bits = 1u64 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits;
+            for i in 0..n {
+                set_entry(&mut block, order, i, (i * 7 + 1) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    get_entry(&block, order, i),
+                    (i * 7 + 1) & max,
+                    "order {order} entry {i}"
+                );
+            }
+            set_entry(&mut block, order, 3, max);
+            assert_eq!(get_entry(&block, order, 2), (2 * 7 + 1) & max);
+            assert_eq!(get_entry(&block, order, 4), (4 * 7 + 1) & max);
+        }
+    }
+
+    #[test]
+    fn sub_byte_entries_start_at_the_least_significant_bit() {
+        let mut block = [0u8; 2];
+        set_entry(&mut block, 0, 0, 1);
+        set_entry(&mut block, 0, 9, 1);
+        assert_eq!(block, [0b0000_0001, 0b0000_0010]);
+        let mut block = [0u8; 1];
+        set_entry(&mut block, 2, 1, 0xa);
+        assert_eq!(block, [0xa0]);
+    }
+
+    /// A fresh image layout: header, reftable, one refblock, all counted in block 0.
+    async fn fresh(order: u32, cluster_bits: u32) -> (MemoryStorage, Refcounts) {
+        let g = Geometry::new(cluster_bits, false);
+        let cs = g.cluster_size();
+        let file = MemoryStorage::new();
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..3 {
+            set_entry(&mut block, order, i, 1);
+        }
+        file.write_at(2 * cs, &block).await.unwrap();
+        file.write_at(cs, &(2 * cs).to_be_bytes()).await.unwrap();
+        file.resize(3 * cs, crate::PreallocMode::Off).await.unwrap();
+        let r = Refcounts::load(&file, g, order, cs, 1).await.unwrap();
+        (file, r)
+    }
+
+    #[tokio::test]
+    async fn alloc_hands_out_free_clusters_and_reuses_freed_ones() {
+        let (file, mut r) = fresh(4, 16).await;
+        let (a, _) = r.alloc(&file, 2).await.unwrap();
+        assert_eq!(a, 3);
+        let (b, _) = r.alloc(&file, 1).await.unwrap();
+        assert_eq!(b, 5);
+        r.set(&file, 3, 0).await.unwrap();
+        let (c, _) = r.alloc(&file, 1).await.unwrap();
+        assert_eq!(c, 3, "a freed cluster is reused");
+        assert_eq!(r.get(&file, 4).await.unwrap(), 1);
+        r.flush(&file, true).await.unwrap();
+        let mut again = Refcounts::load(&file, Geometry::new(16, false), 4, 65536, 1)
+            .await
+            .unwrap();
+        assert_eq!(again.get(&file, 5).await.unwrap(), 1);
+        assert_eq!(again.get(&file, 6).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn small_clusters_and_wide_refcounts_grow_blocks_and_the_table() {
+        // 512-byte clusters, 64-bit refcounts: 64 entries per block, 64 blocks per table
+        // cluster, so 10 000 clusters need new blocks and a larger table.
+        let (file, mut r) = fresh(6, 9).await;
+        let mut moves = 0;
+        let mut allocated = Vec::new();
+        for _ in 0..(10_000 / 16) {
+            let (c, m) = r.alloc(&file, 16).await.unwrap();
+            if let Some(m) = m {
+                moves += 1;
+                assert!(m.clusters >= 2);
+                r.release_old_table(&file).await.unwrap();
+            }
+            allocated.push(c);
+        }
+        assert!(moves >= 1);
+        r.flush(&file, true).await.unwrap();
+        let (off, clusters) = r.reftable_location();
+        let mut again = Refcounts::load(&file, Geometry::new(9, false), 6, off, clusters as u32)
+            .await
+            .unwrap();
+        for &c in &allocated {
+            for i in 0..16 {
+                assert_eq!(
+                    again.get(&file, c + i).await.unwrap(),
+                    1,
+                    "cluster {}",
+                    c + i
+                );
+            }
+        }
+        // Every refcount block and table cluster counts as used, and no two uses collide.
+        let mut used = std::collections::HashSet::new();
+        for &c in &allocated {
+            for i in 0..16 {
+                assert!(used.insert(c + i), "cluster {} handed out twice", c + i);
+            }
+        }
+        let first_table = off >> 9;
+        for c in first_table..first_table + clusters {
+            assert_eq!(again.get(&file, c).await.unwrap(), 1, "table cluster {c}");
+            assert!(!used.contains(&c), "table cluster {c} was also handed out");
+        }
+        let blocks: Vec<u64> = again
+            .reftable
+            .iter()
+            .map(|e| (e & REFTABLE_OFFSET_MASK) >> 9)
+            .filter(|&b| b != 0)
+            .collect();
+        assert!(blocks.len() > 100);
+        for b in blocks {
+            assert_eq!(again.get(&file, b).await.unwrap(), 1, "block cluster {b}");
+            assert!(!used.contains(&b), "block cluster {b} was also handed out");
+        }
+    }
+
+    #[tokio::test]
+    async fn refcount_overflow_is_refused() {
+        let (file, mut r) = fresh(0, 16).await;
+        assert_eq!(r.max_refcount(), 1);
+        let e = r.set(&file, 5, 2).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+    }
+}
