@@ -6,29 +6,6 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
-/// One random qemu-io command over an image of `size` bytes.
-fn random_command(rng: &mut fastrand::Rng, size: u64) -> String {
-    let len = match rng.u8(0..4) {
-        0 => rng.u64(1..600),
-        1 => rng.u64(1..70_000),
-        2 => 4096 * rng.u64(1..40),
-        _ => rng.u64(1..300_000),
-    }
-    .min(size);
-    let mut off = rng.u64(0..=size - len);
-    if rng.bool() {
-        off = off / 4096 * 4096;
-    }
-    match rng.u8(0..10) {
-        0..=3 => format!("write -P {} {off} {len}", rng.u8(..)),
-        4 => format!("write -z {off} {len}"),
-        5 => format!("write -z -u {off} {len}"),
-        6 => format!("discard {off} {len}"),
-        7 => "flush".to_string(),
-        _ => format!("read {off} {len}"),
-    }
-}
-
 #[test]
 fn random_workload_through_vmimg_io_and_qemu_io_gives_identical_files_and_output() {
     let dir = tempdir();

@@ -127,3 +127,91 @@ pub fn io_data_lines(out: &str) -> Vec<&str> {
         .filter(|l| !l.contains(" ops; ") && !l.trim().is_empty())
         .collect()
 }
+
+/// Runs `program ARGS...` with `dir` as the current directory (relative names inside images,
+/// such as backing files, are then written and resolved as the tools see them from `dir`).
+fn run_in<I, S>(program: PathBuf, dir: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut c = Command::new(program);
+    c.args(args).current_dir(dir);
+    run(c)
+}
+
+/// Runs `vmimg ARGS...` in `dir`.
+pub fn vmimg_in<I, S>(dir: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    run_in(vmimg_bin(), dir, args)
+}
+
+/// Runs `qemu-img ARGS...` in `dir`.
+pub fn qemu_img_in<I, S>(dir: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    run_in(qemu_tool("qemu-img"), dir, args)
+}
+
+/// Runs `qemu-io ARGS...` in `dir`.
+pub fn qemu_io_in<I, S>(dir: &Path, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    run_in(qemu_tool("qemu-io"), dir, args)
+}
+
+/// Compares two files byte for byte; the error names the length mismatch or the first
+/// differing offset with both bytes.
+pub fn compare_files(ours: &Path, theirs: &Path) -> Result<(), String> {
+    let a = std::fs::read(ours).map_err(|e| format!("cannot read {}: {e}", ours.display()))?;
+    let b = std::fs::read(theirs).map_err(|e| format!("cannot read {}: {e}", theirs.display()))?;
+    if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+        return Err(format!(
+            "contents differ first at byte {i} ({i:#x}): {} has {:#04x}, {} has {:#04x}",
+            ours.display(),
+            a[i],
+            theirs.display(),
+            b[i]
+        ));
+    }
+    if a.len() != b.len() {
+        return Err(format!(
+            "lengths differ: {} is {} bytes, {} is {} bytes (common prefix identical)",
+            ours.display(),
+            a.len(),
+            theirs.display(),
+            b.len()
+        ));
+    }
+    Ok(())
+}
+
+/// One random qemu-io command over an image of `size` bytes.
+pub fn random_command(rng: &mut fastrand::Rng, size: u64) -> String {
+    let len = match rng.u8(0..4) {
+        0 => rng.u64(1..600),
+        1 => rng.u64(1..70_000),
+        2 => 4096 * rng.u64(1..40),
+        _ => rng.u64(1..300_000),
+    }
+    .min(size);
+    let mut off = rng.u64(0..=size - len);
+    if rng.bool() {
+        off = off / 4096 * 4096;
+    }
+    match rng.u8(0..10) {
+        0..=3 => format!("write -P {} {off} {len}", rng.u8(..)),
+        4 => format!("write -z {off} {len}"),
+        5 => format!("write -z -u {off} {len}"),
+        6 => format!("discard {off} {len}"),
+        7 => "flush".to_string(),
+        _ => format!("read {off} {len}"),
+    }
+}

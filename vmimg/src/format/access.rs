@@ -487,7 +487,14 @@ impl Image {
                 return Err(bad_mapping(top, pos, t.len));
             }
             let piece = take_front(&mut bufs, t.len as usize);
-            ios.push(write_storage(t.storage, t.offset, piece));
+            match t.commit {
+                None => ios.push(write_storage(t.storage, t.offset, piece)),
+                Some(commit) => {
+                    // A new allocation: data first, then the mapping that exposes it.
+                    write_storage(t.storage, t.offset, piece).await?;
+                    commit().await?;
+                }
+            }
             pos += t.len;
         }
         try_join_all(ios).await?;
@@ -771,6 +778,7 @@ mod tests {
                     len,
                     storage: &self.storage,
                     offset,
+                    commit: None,
                 })
             })
         }

@@ -144,8 +144,10 @@ pub enum DiscardMode {
     ReadsBacking,
 }
 
+/// Called after the data of a [`WriteTarget`] was written, to publish the new mapping.
+pub type WriteCommit<'a> = Box<dyn FnOnce() -> BoxFuture<'a, Result<()>> + Send + 'a>;
+
 /// Where the bytes of a guest range are to be written (see [`FormatDriver::map_for_write`]).
-#[derive(Clone, Copy, Debug)]
 pub struct WriteTarget<'a> {
     /// Length of the prefix described.
     pub len: u64,
@@ -153,6 +155,21 @@ pub struct WriteTarget<'a> {
     pub storage: &'a dyn Storage,
     /// Host offset of the first byte.
     pub offset: u64,
+    /// For newly allocated ranges: run once the data is written (the mapping must not
+    /// expose the range before its data is in place). The driver may hold its metadata lock
+    /// until then, so the caller writes and commits before asking for the next target.
+    /// Dropping it without calling it abandons the allocation (at worst leaking clusters).
+    pub commit: Option<WriteCommit<'a>>,
+}
+
+impl std::fmt::Debug for WriteTarget<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTarget")
+            .field("len", &self.len)
+            .field("offset", &self.offset)
+            .field("commit", &self.commit.is_some())
+            .finish()
+    }
 }
 
 /// An internal snapshot, as `info` lists it.

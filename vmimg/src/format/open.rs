@@ -299,12 +299,6 @@ pub(crate) async fn open_chain(
                 layers.push(Arc::new(driver));
             }
             Format::Qcow2 => {
-                if writable {
-                    return Err(Error::new(
-                        ErrorKind::ReadOnly,
-                        "writing qcow2 images is not supported yet: open it read-only",
-                    ));
-                }
                 if top && opts.snapshot.is_some() && opts.writable {
                     return Err(Error::new(
                         ErrorKind::InvalidArgument,
@@ -337,6 +331,7 @@ pub(crate) async fn open_chain(
                     data_file,
                     l2_cache_bytes: opts.l2_cache_bytes,
                     snapshot: if top { opts.snapshot.clone() } else { None },
+                    writable,
                 })
                 .await
                 .map_err(layer_err)?;

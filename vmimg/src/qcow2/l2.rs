@@ -10,6 +10,7 @@
 
 use super::types::Geometry;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Bits 9..=55 of an L1 entry: the L2 table offset.
@@ -125,11 +126,13 @@ pub fn compressed_extent(g: Geometry, descriptor: u64) -> (u64, u64) {
     (host, len)
 }
 
-/// One L2 table: its raw big-endian words, decoded.
+/// One L2 table, decoded. Entries are atomics so readers never wait for the metadata lock:
+/// writers (holding it) store whole entries, readers see the old or the new one.
 #[derive(Debug)]
 pub struct L2Table {
-    words: Vec<u64>,
+    words: Box<[AtomicU64]>,
     extended: bool,
+    dirty: AtomicBool,
 }
 
 impl L2Table {
@@ -137,24 +140,76 @@ impl L2Table {
     pub fn from_bytes(bytes: &[u8], extended: bool) -> Self {
         let words = bytes
             .chunks_exact(8)
-            .map(|w| u64::from_be_bytes(w.try_into().expect("8 bytes")))
+            .map(|w| AtomicU64::new(u64::from_be_bytes(w.try_into().expect("8 bytes"))))
             .collect();
-        L2Table { words, extended }
+        L2Table {
+            words,
+            extended,
+            dirty: AtomicBool::new(false),
+        }
     }
 
     /// The entry at `index`.
     pub fn entry(&self, index: usize) -> L2Entry {
         if self.extended {
             L2Entry {
-                entry: self.words[2 * index],
-                bitmap: self.words[2 * index + 1],
+                entry: self.words[2 * index].load(Ordering::Acquire),
+                bitmap: self.words[2 * index + 1].load(Ordering::Acquire),
             }
         } else {
             L2Entry {
-                entry: self.words[index],
+                entry: self.words[index].load(Ordering::Acquire),
                 bitmap: 0,
             }
         }
+    }
+
+    /// Stores the entry at `index` and marks the table dirty (metadata lock held).
+    ///
+    /// With extended entries, an entry that drops its host offset gets its bitmap stored
+    /// first, and one that gains an offset gets it stored last, so a concurrent reader never
+    /// sees an allocated subcluster without an offset.
+    pub fn set(&self, index: usize, e: L2Entry) {
+        if self.extended {
+            if e.entry & L2_OFFSET_MASK == 0 {
+                self.words[2 * index + 1].store(e.bitmap, Ordering::Release);
+                self.words[2 * index].store(e.entry, Ordering::Release);
+            } else {
+                self.words[2 * index].store(e.entry, Ordering::Release);
+                self.words[2 * index + 1].store(e.bitmap, Ordering::Release);
+            }
+        } else {
+            self.words[index].store(e.entry, Ordering::Release);
+        }
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        if self.extended {
+            self.words.len() / 2
+        } else {
+            self.words.len()
+        }
+    }
+
+    /// Whether the table has changes not yet written.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// The on-disk bytes; clears the dirty mark (the caller writes them).
+    pub fn take_bytes(&self) -> Vec<u8> {
+        self.dirty.store(false, Ordering::Release);
+        self.words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_be_bytes())
+            .collect()
+    }
+
+    /// Marks the table dirty again (its write failed).
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
     }
 }
 
@@ -222,10 +277,24 @@ impl L2Cache {
             inner.index.insert(offset, i);
             return;
         }
+        // Dirty tables are never evicted (they are written by the next flush); if every
+        // table is dirty the cache grows past its capacity until then.
+        let mut budget = 2 * inner.slots.len();
         loop {
+            if budget == 0 {
+                let i = inner.slots.len();
+                inner.slots.push(Slot {
+                    key: offset,
+                    table,
+                    referenced: true,
+                });
+                inner.index.insert(offset, i);
+                return;
+            }
+            budget -= 1;
             let hand = inner.hand;
             inner.hand = (hand + 1) % inner.slots.len();
-            if inner.slots[hand].referenced {
+            if inner.slots[hand].referenced || inner.slots[hand].table.is_dirty() {
                 inner.slots[hand].referenced = false;
                 continue;
             }
@@ -241,10 +310,32 @@ impl L2Cache {
         }
     }
 
-    /// Drops every cached table.
+    /// Drops every clean cached table.
     pub fn clear(&self) {
         let mut inner = self.inner.lock().unwrap();
+        let keep: Vec<Slot> = std::mem::take(&mut inner.slots)
+            .into_iter()
+            .filter(|s| s.table.is_dirty())
+            .collect();
         *inner = CacheInner::default();
+        for s in keep {
+            let i = inner.slots.len();
+            inner.index.insert(s.key, i);
+            inner.slots.push(s);
+        }
+    }
+
+    /// The dirty tables with their offsets, in offset order.
+    pub fn dirty(&self) -> Vec<(u64, Arc<L2Table>)> {
+        let inner = self.inner.lock().unwrap();
+        let mut v: Vec<(u64, Arc<L2Table>)> = inner
+            .slots
+            .iter()
+            .filter(|s| s.table.is_dirty())
+            .map(|s| (s.key, Arc::clone(&s.table)))
+            .collect();
+        v.sort_unstable_by_key(|(k, _)| *k);
+        v
     }
 
     /// Number of cached tables.

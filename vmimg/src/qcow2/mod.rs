@@ -15,10 +15,10 @@ mod compress;
 mod create;
 pub mod header;
 mod l2;
-#[allow(dead_code)] // used by the write path being built
 mod refcount;
 pub mod snapshot;
 pub mod types;
+mod write;
 
 pub use bitmaps::BitmapEntry;
 pub use create::Qcow2Create;
@@ -32,6 +32,7 @@ use crate::format::{
 use crate::storage::{BoxFuture, HostExtent, PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use l2::{ClusterState, EntryError, L2Cache, L2Table, L1_OFFSET_MASK};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use types::{Geometry, GuestOffset};
 
@@ -62,17 +63,26 @@ pub(crate) struct Qcow2Params {
     pub l2_cache_bytes: u64,
     /// Open this snapshot (by ID or name) instead of the active state.
     pub snapshot: Option<String>,
+    /// Open for writing.
+    pub writable: bool,
 }
 
-/// An open qcow2 layer (read-only for now).
+/// An open qcow2 layer.
 pub struct Qcow2Driver {
     file: Arc<dyn Storage>,
     data: Arc<dyn Storage>,
+    /// The header as opened (static facts for `info`; the live copy is in `meta`).
     header: Header,
     geometry: Geometry,
-    l1: Vec<u64>,
-    size: u64,
+    /// The active L1 table; read under a short lock, changed with the metadata lock held.
+    l1: std::sync::RwLock<Vec<u64>>,
+    size: AtomicU64,
     cache: L2Cache,
+    writable: bool,
+    meta: Arc<tokio::sync::Mutex<write::Meta>>,
+    /// QEMU's "metadata preallocation" guess, made on the first status query: only then are
+    /// holes under data clusters reported as zeros.
+    metadata_prealloc: tokio::sync::OnceCell<bool>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<BitmapEntry>,
     decompressed: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
@@ -82,7 +92,7 @@ impl std::fmt::Debug for Qcow2Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Driver")
             .field("file", &self.file.path())
-            .field("size", &self.size)
+            .field("size", &self.size.load(Ordering::Relaxed))
             .field("cluster_bits", &self.header.cluster_bits)
             .field("cache", &self.cache)
             .finish()
@@ -158,6 +168,8 @@ impl Qcow2Driver {
             Vec::new()
         };
 
+        // A snapshot is read with the image's current size, as QEMU does: L1 entries past the
+        // snapshot's table read as unallocated.
         let (l1_offset, l1_size, size) = match &params.snapshot {
             None => (header.l1_table_offset, header.l1_size, header.size),
             Some(want) => {
@@ -171,15 +183,11 @@ impl Qcow2Driver {
                             format!("snapshot '{want}' does not exist"),
                         )
                     })?;
-                (
-                    s.l1_table_offset,
-                    s.l1_size,
-                    s.disk_size.unwrap_or(header.size),
-                )
+                (s.l1_table_offset, s.l1_size, header.size)
             }
         };
         let needed = geometry.l1_entries_for(size).unwrap_or(u64::MAX);
-        if u64::from(l1_size) < needed {
+        if params.snapshot.is_none() && u64::from(l1_size) < needed {
             return Err(Error::new(
                 ErrorKind::InvalidFormat,
                 format!("L1 table of {l1_size} entries is too small for size {size:#x}"),
@@ -200,18 +208,53 @@ impl Qcow2Driver {
         };
 
         let tables = (params.l2_cache_bytes / geometry.cluster_size()).max(16) as usize;
+        let writable = params.writable;
+        if writable {
+            write::check_writable(
+                &header,
+                params.snapshot.is_some(),
+                file.as_ref(),
+                data.as_ref(),
+            )?;
+        }
         Ok(Qcow2Driver {
             file,
             data,
             geometry,
-            l1,
-            size,
+            l1: std::sync::RwLock::new(l1),
+            size: AtomicU64::new(size),
+            writable,
+            meta: Arc::new(tokio::sync::Mutex::new(write::Meta::new(header.clone()))),
+            metadata_prealloc: tokio::sync::OnceCell::new(),
             cache: L2Cache::new(tables),
             snapshots,
             bitmaps,
             header,
             decompressed: Mutex::new(Vec::new()),
         })
+    }
+
+    /// QEMU's guess that the image was created with `preallocation=metadata`: at least
+    /// max(allocated * 10 / 9, allocated + 2) clusters have a non-zero refcount, where
+    /// `allocated` is the clusters' worth of space the file occupies.
+    async fn metadata_preallocated(&self) -> Result<bool> {
+        self.metadata_prealloc
+            .get_or_try_init(|| async {
+                let h = &self.header;
+                let mut rc = refcount::Refcounts::load(
+                    self.file.as_ref(),
+                    self.geometry,
+                    h.refcount_order,
+                    h.refcount_table_offset,
+                    h.refcount_table_clusters,
+                )
+                .await?;
+                let used = rc.count_used(self.file.as_ref()).await?;
+                let real = self.file.allocated_size().unwrap_or(0) / self.geometry.cluster_size();
+                Ok::<bool, Error>(used >= (real * 10 / 9).max(real + 2))
+            })
+            .await
+            .copied()
     }
 
     /// The parsed header.
@@ -265,7 +308,7 @@ impl Qcow2Driver {
         let max_end = offset.saturating_add(len).min(coverage_end);
         let l1_entry = usize::try_from(l1_index)
             .ok()
-            .and_then(|i| self.l1.get(i).copied())
+            .and_then(|i| self.l1.read().unwrap().get(i).copied())
             .unwrap_or(0);
         let l2_offset = l1_entry & L1_OFFSET_MASK;
         if l2_offset == 0 {
@@ -350,11 +393,12 @@ impl Qcow2Driver {
         Ok(out)
     }
 
-    fn read_only() -> Error {
-        Error::new(
-            ErrorKind::ReadOnly,
-            "writing qcow2 images is not supported yet",
-        )
+    fn check_write(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only"))
+        }
     }
 
     fn specific(&self) -> Qcow2Specific {
@@ -387,11 +431,11 @@ impl FormatDriver for Qcow2Driver {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn is_writable(&self) -> bool {
-        false
+        self.writable
     }
 
     fn storage(&self) -> &dyn Storage {
@@ -410,10 +454,10 @@ impl FormatDriver for Qcow2Driver {
                 ClusterState::Data(host) => {
                     let storage = self.data.as_ref();
                     let offset = host + within;
-                    if query == MapQuery::Status && !self.header.has_data_file() {
-                        // Data clusters over holes in the image file read as zeros
-                        // (preallocation=metadata): report that, as QEMU does. QEMU does not
-                        // look into external data files, so neither do we.
+                    if query == MapQuery::Status && self.metadata_preallocated().await? {
+                        // Data clusters over holes read as zeros (preallocation=metadata):
+                        // report that where QEMU would look, i.e. when its metadata
+                        // preallocation guess holds.
                         let (extent, n) = storage.extent(offset, len).await?;
                         let len = n.min(len);
                         let kind = match extent {
@@ -449,43 +493,57 @@ impl FormatDriver for Qcow2Driver {
 
     fn map_for_write<'a>(
         &'a self,
-        _offset: u64,
-        _len: u64,
-        _below: ChainView<'a>,
+        offset: u64,
+        len: u64,
+        below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<WriteTarget<'a>>> {
-        Box::pin(async { Err(Self::read_only()) })
+        Box::pin(async move {
+            self.check_write()?;
+            self.map_for_write_impl(offset, len, below).await
+        })
     }
 
     fn write_zeroes<'a>(
         &'a self,
-        _offset: u64,
-        _len: u64,
-        _may_unmap: bool,
-        _below: ChainView<'a>,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async { Err(Self::read_only()) })
+        Box::pin(async move {
+            self.check_write()?;
+            self.write_zeroes_impl(offset, len, may_unmap, below).await
+        })
     }
 
     fn discard<'a>(
         &'a self,
-        _offset: u64,
-        _len: u64,
-        _mode: DiscardMode,
-        _below: ChainView<'a>,
+        offset: u64,
+        len: u64,
+        mode: DiscardMode,
+        below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async { Err(Self::read_only()) })
+        Box::pin(async move {
+            self.check_write()?;
+            self.discard_impl(offset, len, mode, below).await
+        })
     }
 
     fn resize(&self, _new_size: u64, _prealloc: PreallocMode) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async { Err(Self::read_only()) })
+        Box::pin(async {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "resizing qcow2 images is not supported yet",
+            ))
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async { Ok(()) })
+        Box::pin(self.flush_impl(false))
     }
 
     fn sync(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async { Ok(()) })
+        Box::pin(self.flush_impl(true))
     }
 
     fn invalidate_cache(&self) -> BoxFuture<'_, Result<()>> {

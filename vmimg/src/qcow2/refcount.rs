@@ -142,6 +142,7 @@ impl Refcounts {
     }
 
     /// The current refcount table offset and size in clusters.
+    #[cfg(test)]
     pub fn reftable_location(&self) -> (u64, u64) {
         (self.reftable_offset, self.reftable_clusters)
     }
@@ -447,14 +448,26 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Number of clusters with a non-zero refcount (reads every refcount block).
+    pub async fn count_used(&mut self, file: &dyn Storage) -> Result<u64> {
+        let epb = self.entries_per_block();
+        let mut used = 0;
+        for index in 0..self.reftable.len() as u64 {
+            let Some(block) = self.block_offset(index)? else {
+                continue;
+            };
+            let order = self.order;
+            let b = self.block_mut(file, block).await?;
+            used += (0..epb)
+                .filter(|&i| get_entry(&b.bytes, order, i) != 0)
+                .count() as u64;
+        }
+        Ok(used)
+    }
+
     /// Whether anything awaits [`Refcounts::flush`].
     pub fn is_dirty(&self) -> bool {
         self.reftable_dirty || self.blocks.values().any(|b| b.dirty)
-    }
-
-    /// Drops cached blocks (after another process changed the image); dirty blocks are kept.
-    pub fn invalidate(&mut self) {
-        self.blocks.retain(|_, b| b.dirty);
     }
 }
 

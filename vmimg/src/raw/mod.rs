@@ -107,6 +107,7 @@ impl FormatDriver for RawDriver {
                 len,
                 storage: self.storage.as_ref(),
                 offset,
+                commit: None,
             })
         })
     }

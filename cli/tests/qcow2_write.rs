@@ -1,0 +1,240 @@
+//! Twin workloads on qcow2: the same random qemu-io commands applied by `vmimg io` to one
+//! image and by `qemu-io` to its twin; then `qemu-img check` must find ours clean and
+//! `qemu-img compare` must find the twins equal.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+/// Applies `cmds` to `ours` with vmimg and to `theirs` with qemu-io and checks the outcome.
+///
+/// Both tools run with `dir` as the current directory: QEMU resolves a relative data file
+/// name against it (vmimg against the image's directory, which is the same here).
+fn twin(dir: &Path, ours: &str, theirs: &str, cmds: &[String]) {
+    let mut a = vec!["io".to_string(), "-f".into(), "qcow2".into()];
+    let mut b = vec!["-f".to_string(), "qcow2".into()];
+    for c in cmds {
+        a.extend(["-c".to_string(), c.clone()]);
+        b.extend(["-c".to_string(), c.clone()]);
+    }
+    a.push(ours.to_string());
+    b.push(theirs.to_string());
+    let ra = vmimg_in(dir, &a).ok();
+    let rb = qemu_io_in(dir, &b).ok();
+    assert_eq!(io_data_lines(&ra.stdout), io_data_lines(&rb.stdout));
+    let check = qemu_img_in(dir, ["check", "-f", "qcow2", ours]);
+    assert_eq!(
+        check.status, 0,
+        "qemu-img check of vmimg's image:\n{}{}",
+        check.stdout, check.stderr
+    );
+    qemu_img_in(dir, ["compare", "-f", "qcow2", "-F", "qcow2", ours, theirs]).ok();
+}
+
+fn commands(seed: u64, size: u64, n: usize) -> Vec<String> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| random_command(&mut rng, size)).collect()
+}
+
+/// Creates twin images with `opts` (and `extra` args such as -b) of `size` bytes.
+fn create_twins(dir: &Path, opts: &str, extra: &[&str], size: &str) {
+    for name in ["ours.qcow2", "theirs.qcow2"] {
+        let mut args = vec!["create", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend(extra);
+        let p = dir.join(name);
+        args.push(s(&p));
+        args.push(size);
+        qemu_img(&args).ok();
+    }
+}
+
+#[test]
+fn random_workloads_for_every_creation_option_stay_clean_and_equal_to_qemu() {
+    let cases = [
+        "",
+        "compat=0.10",
+        "cluster_size=512",
+        "cluster_size=4k,refcount_bits=1",
+        "cluster_size=2M",
+        "refcount_bits=64,cluster_size=1k",
+        "refcount_bits=2",
+        "refcount_bits=8",
+        "refcount_bits=32",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=2M",
+        "lazy_refcounts=on",
+        "compression_type=zstd",
+        "preallocation=metadata",
+        "preallocation=full,cluster_size=16k",
+        "data_file=ours.data",
+        "data_file=ours.data,data_file_raw=on",
+    ];
+    for (i, opts) in cases.iter().enumerate() {
+        let dir = tempdir();
+        let size = 8u64 << 20;
+        if opts.contains("data_file") {
+            // Each twin needs its own data file.
+            qemu_img_in(
+                dir.path(),
+                ["create", "-f", "qcow2", "-o", opts, "ours.qcow2", "8M"],
+            )
+            .ok();
+            let theirs_opts = opts.replace("ours.data", "theirs.data");
+            qemu_img_in(
+                dir.path(),
+                [
+                    "create",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &theirs_opts,
+                    "theirs.qcow2",
+                    "8M",
+                ],
+            )
+            .ok();
+        } else {
+            create_twins(dir.path(), opts, &[], "8M");
+        }
+        eprintln!("case {i}: {opts}");
+        let cmds = commands(1000 + i as u64, size, 120);
+        twin(dir.path(), "ours.qcow2", "theirs.qcow2", &cmds);
+    }
+}
+
+#[test]
+fn writes_over_a_raw_backing_file_copy_on_write_partial_clusters() {
+    let dir = tempdir();
+    let base = dir.path().join("base.raw");
+    qemu_img(["create", "-f", "raw", s(&base), "6M"]).ok();
+    qemu_io(["-f", "raw", "-c", "write -P 0x5a 0 6M", s(&base)]).ok();
+    create_twins(dir.path(), "", &["-b", "base.raw", "-F", "raw"], "8M");
+    twin(
+        dir.path(),
+        "ours.qcow2",
+        "theirs.qcow2",
+        &commands(7, 8 << 20, 150),
+    );
+}
+
+#[test]
+fn writes_over_a_qcow2_backing_file_with_extended_l2_keep_subclusters_right() {
+    let dir = tempdir();
+    let base = dir.path().join("base.qcow2");
+    qemu_img(["create", "-f", "qcow2", s(&base), "8M"]).ok();
+    qemu_io(["-f", "qcow2", "-c", "write -P 0x11 0 8M", s(&base)]).ok();
+    create_twins(
+        dir.path(),
+        "extended_l2=on",
+        &["-b", "base.qcow2", "-F", "qcow2"],
+        "8M",
+    );
+    twin(
+        dir.path(),
+        "ours.qcow2",
+        "theirs.qcow2",
+        &commands(8, 8 << 20, 150),
+    );
+}
+
+#[test]
+fn writes_over_compressed_clusters_copy_them_and_free_the_old_extents() {
+    let dir = tempdir();
+    let raw = dir.path().join("src.raw");
+    qemu_img(["create", "-f", "raw", s(&raw), "4M"]).ok();
+    qemu_io(["-f", "raw", "-c", "write -P 0x21 0 4M", s(&raw)]).ok();
+    for (name, ct) in [("ours.qcow2", "zlib"), ("theirs.qcow2", "zlib")] {
+        let p = dir.path().join(name);
+        qemu_img([
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
+            s(&raw),
+            s(&p),
+        ])
+        .ok();
+    }
+    twin(
+        dir.path(),
+        "ours.qcow2",
+        "theirs.qcow2",
+        &commands(9, 4 << 20, 100),
+    );
+}
+
+#[test]
+fn writes_after_an_internal_snapshot_leave_the_snapshot_unchanged() {
+    let dir = tempdir();
+    create_twins(dir.path(), "", &[], "4M");
+    for name in ["ours.qcow2", "theirs.qcow2"] {
+        let p = dir.path().join(name);
+        qemu_io(["-f", "qcow2", "-c", "write -P 0x31 0 4M", s(&p)]).ok();
+        qemu_img(["snapshot", "-c", "s1", s(&p)]).ok();
+    }
+    let before = dir.path().join("before.raw");
+    qemu_img([
+        "convert",
+        "-l",
+        "snapshot.name=s1",
+        "-O",
+        "raw",
+        s(&dir.path().join("ours.qcow2")),
+        s(&before),
+    ])
+    .ok();
+    twin(
+        dir.path(),
+        "ours.qcow2",
+        "theirs.qcow2",
+        &commands(10, 4 << 20, 100),
+    );
+    let after = dir.path().join("after.raw");
+    qemu_img([
+        "convert",
+        "-l",
+        "snapshot.name=s1",
+        "-O",
+        "raw",
+        s(&dir.path().join("ours.qcow2")),
+        s(&after),
+    ])
+    .ok();
+    assert!(
+        std::fs::read(&before).unwrap() == std::fs::read(&after).unwrap(),
+        "the snapshot changed"
+    );
+}
+
+#[test]
+fn images_created_by_vmimg_take_writes_and_pass_check() {
+    let dir = tempdir();
+    for (i, opts) in ["", "cluster_size=512,refcount_bits=64", "extended_l2=on"]
+        .iter()
+        .enumerate()
+    {
+        let ours = dir.path().join(format!("c{i}.qcow2"));
+        let mut args = vec!["create", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([s(&ours), "16M"]);
+        vmimg(&args).ok();
+        let theirs = dir.path().join(format!("t{i}.qcow2"));
+        std::fs::copy(&ours, &theirs).unwrap();
+        let name_o = format!("c{i}.qcow2");
+        let name_t = format!("t{i}.qcow2");
+        twin(
+            dir.path(),
+            &name_o,
+            &name_t,
+            &commands(20 + i as u64, 16 << 20, 150),
+        );
+    }
+}

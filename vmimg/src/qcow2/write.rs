@@ -1,0 +1,670 @@
+//! The qcow2 write path: cluster allocation, copy-on-write, zeroing, discard, and the flush
+//! order that keeps the image consistent after a crash at any point.
+//!
+//! ```text
+//!  allocating write (metadata lock held throughout):
+//!    refcounts += new clusters (cached) -> COW head/tail of partial clusters
+//!    -> guest data written by the caller -> commit: L2 entries updated (cached, dirty)
+//!    -> old clusters released
+//!  flush:  refcount blocks -> sync -> L2 tables -> sync -> L1 table -> sync -> header
+//! ```
+//! Refcounts reach the disk before any L2 entry that uses their clusters, L2 tables before
+//! the L1 entries that point to them, and data before the mapping that exposes it. A crash
+//! can therefore leak clusters (refcount without a user) but never expose a cluster whose
+//! refcount says it is free.
+
+use super::header::{autoclear, Header};
+use super::l2::{
+    self, ClusterState, L2Entry, L2Table, COPIED, L1_OFFSET_MASK, L2_OFFSET_MASK, ZERO,
+};
+use super::refcount::{Refcounts, ReftableMove};
+use super::types::GuestOffset;
+use super::Qcow2Driver;
+use crate::format::{ChainView, DiscardMode, WriteCommit, WriteTarget};
+use crate::storage::{Storage, StorageExt};
+use crate::{Error, ErrorKind, Result};
+use std::sync::Arc;
+use tokio::sync::OwnedMutexGuard;
+
+/// Mutable metadata, behind the driver's async metadata lock.
+#[derive(Debug)]
+pub struct Meta {
+    header: Header,
+    refcounts: Option<Refcounts>,
+    l1_dirty: bool,
+    prepared: bool,
+}
+
+impl Meta {
+    /// Metadata state for a freshly opened image.
+    pub fn new(header: Header) -> Self {
+        Meta {
+            header,
+            refcounts: None,
+            l1_dirty: false,
+            prepared: false,
+        }
+    }
+
+    fn refcounts(&mut self) -> &mut Refcounts {
+        self.refcounts
+            .as_mut()
+            .expect("refcounts are loaded before the first write")
+    }
+}
+
+/// Refuses writable opens this code cannot honour safely.
+pub fn check_writable(
+    header: &Header,
+    snapshot: bool,
+    file: &dyn Storage,
+    data: &dyn Storage,
+) -> Result<()> {
+    if snapshot {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "snapshots can only be opened read-only",
+        ));
+    }
+    if header.is_corrupt() {
+        return Err(Error::new(
+            ErrorKind::ReadOnly,
+            "the image is marked corrupt: it can only be opened read-only until it is repaired",
+        ));
+    }
+    if header.is_dirty() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "the image is marked dirty (lazy refcounts): its refcounts must be rebuilt \
+             before writing, which is not implemented yet",
+        ));
+    }
+    if !file.is_writable() || !data.is_writable() {
+        return Err(Error::new(
+            ErrorKind::ReadOnly,
+            "the image file or its data file is read-only",
+        ));
+    }
+    Ok(())
+}
+
+type MetaGuard = OwnedMutexGuard<Meta>;
+
+impl Qcow2Driver {
+    fn has_data_file(&self) -> bool {
+        self.header.has_data_file()
+    }
+
+    /// Loads refcounts and clears autoclear bits this code does not maintain, before the
+    /// first change to the image.
+    async fn prepare(&self, meta: &mut Meta) -> Result<()> {
+        if meta.prepared {
+            return Ok(());
+        }
+        let h = &meta.header;
+        let refcounts = Refcounts::load(
+            self.file.as_ref(),
+            self.geometry,
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+        )
+        .await?;
+        meta.refcounts = Some(refcounts);
+        // Bitmaps are not updated by our writes: clearing their autoclear bit tells QEMU
+        // they are stale. Unknown autoclear bits must be cleared likewise.
+        let keep = meta.header.autoclear_features & autoclear::DATA_FILE_RAW;
+        if meta.header.autoclear_features != keep {
+            meta.header.autoclear_features = keep;
+            self.write_header(&meta.header).await?;
+            self.file.sync().await?;
+        }
+        meta.prepared = true;
+        Ok(())
+    }
+
+    async fn write_header(&self, header: &Header) -> Result<()> {
+        let bytes = header.to_bytes().map_err(Error::from)?;
+        self.file.write_at(0, &bytes).await
+    }
+
+    async fn record_move(&self, meta: &mut Meta, moved: Option<ReftableMove>) -> Result<()> {
+        if let Some(m) = moved {
+            meta.header.refcount_table_offset = m.offset;
+            meta.header.refcount_table_clusters = m.clusters as u32;
+            self.write_header(&meta.header).await?;
+            self.file.sync().await?;
+            meta.refcounts()
+                .release_old_table(self.file.as_ref())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+        let (first, moved) = meta.refcounts().alloc(self.file.as_ref(), n).await?;
+        self.record_move(meta, moved).await?;
+        Ok(first << self.geometry.cluster_bits())
+    }
+
+    /// Drops one reference to a host cluster; `punch` releases the space of a freed cluster.
+    async fn unref_cluster(&self, meta: &mut Meta, host: u64, punch: bool) -> Result<()> {
+        let c = host >> self.geometry.cluster_bits();
+        let rc = meta.refcounts();
+        let v = rc.get(self.file.as_ref(), c).await?;
+        if v == 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("cluster {host:#x} is in use but its refcount is 0"),
+            ));
+        }
+        let moved = rc.set(self.file.as_ref(), c, v - 1).await?;
+        self.record_move(meta, moved).await?;
+        if v == 1 && punch {
+            self.file
+                .discard(host, self.geometry.cluster_size())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Releases what an L2 entry held (data cluster or compressed extent).
+    async fn release_entry(&self, meta: &mut Meta, e: L2Entry, punch: bool) -> Result<()> {
+        if e.entry & l2::COMPRESSED != 0 {
+            let (host, len) =
+                l2::compressed_extent(self.geometry, e.entry & !(COPIED | l2::COMPRESSED));
+            let cs = self.geometry.cluster_size();
+            let first = host / cs;
+            let last = (host + len - 1) / cs;
+            for c in first..=last {
+                self.unref_cluster(meta, c * cs, false).await?;
+            }
+            return Ok(());
+        }
+        let host = e.entry & L2_OFFSET_MASK;
+        if host != 0 && !self.has_data_file() {
+            self.unref_cluster(meta, host, punch).await?;
+        }
+        Ok(())
+    }
+
+    /// The L2 table for `l1_index`, made writable: allocated if missing, copied if shared
+    /// with a snapshot.
+    async fn writable_l2(&self, meta: &mut Meta, l1_index: usize) -> Result<Arc<L2Table>> {
+        let l1e = self
+            .l1
+            .read()
+            .unwrap()
+            .get(l1_index)
+            .copied()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::OutOfBounds,
+                    format!("L1 index {l1_index} is past the L1 table"),
+                )
+            })?;
+        let old = l1e & L1_OFFSET_MASK;
+        let cs = self.geometry.cluster_size();
+        if old != 0 && self.geometry.in_cluster(old) != 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("L2 table offset {old:#x} is unaligned (L1 index {l1_index})"),
+            ));
+        }
+        if old != 0 && l1e & COPIED != 0 {
+            return self.l2_table(old).await;
+        }
+        let new_table;
+        let new_offset;
+        if old == 0 {
+            new_offset = self.alloc_clusters(meta, 1).await?;
+            new_table = Arc::new(L2Table::from_bytes(
+                &vec![0u8; cs as usize],
+                self.geometry.extended_l2(),
+            ));
+        } else {
+            let rc = meta.refcounts().get(self.file.as_ref(), old / cs).await?;
+            if rc == 1 {
+                // Not shared after all: only the flag was missing.
+                self.l1.write().unwrap()[l1_index] = old | COPIED;
+                meta.l1_dirty = true;
+                return self.l2_table(old).await;
+            }
+            let shared = self.l2_table(old).await?;
+            new_offset = self.alloc_clusters(meta, 1).await?;
+            let mut bytes = Vec::with_capacity(cs as usize);
+            for i in 0..shared.len() {
+                let mut e = shared.entry(i);
+                let host = e.entry & L2_OFFSET_MASK;
+                if e.entry & l2::COMPRESSED == 0 && host != 0 {
+                    let rc = if self.has_data_file() {
+                        1
+                    } else {
+                        meta.refcounts().get(self.file.as_ref(), host / cs).await?
+                    };
+                    e.entry = if rc == 1 {
+                        e.entry | COPIED
+                    } else {
+                        e.entry & !COPIED
+                    };
+                }
+                bytes.extend_from_slice(&e.entry.to_be_bytes());
+                if self.geometry.extended_l2() {
+                    bytes.extend_from_slice(&e.bitmap.to_be_bytes());
+                }
+            }
+            new_table = Arc::new(L2Table::from_bytes(&bytes, self.geometry.extended_l2()));
+            self.unref_cluster(meta, old, false).await?;
+        }
+        new_table.mark_dirty();
+        self.cache.insert(new_offset, Arc::clone(&new_table));
+        self.l1.write().unwrap()[l1_index] = new_offset | COPIED;
+        meta.l1_dirty = true;
+        Ok(new_table)
+    }
+
+    /// Reads this layer's current content of `[offset, offset + buf.len())` (falling through
+    /// to `below` where unallocated).
+    async fn read_own(&self, offset: u64, buf: &mut [u8], below: ChainView<'_>) -> Result<()> {
+        let mut pos = 0usize;
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            if at >= size {
+                buf[pos..].fill(0);
+                break;
+            }
+            let want = ((buf.len() - pos) as u64).min(size - at);
+            let (state, n) = self.map_run(at, want).await?;
+            let n = n as usize;
+            let piece = &mut buf[pos..pos + n];
+            match state {
+                ClusterState::Unallocated => below.read(at, piece).await?,
+                ClusterState::Zero(_) => piece.fill(0),
+                ClusterState::Data(host) => {
+                    let within = at % self.geometry.subcluster_size();
+                    self.data.read_at(host + within, piece).await?
+                }
+                ClusterState::Compressed(d) => {
+                    let cluster = self.decompressed_cluster(d).await?;
+                    let skip = self.geometry.in_cluster(at) as usize;
+                    piece.copy_from_slice(&cluster[skip..skip + n]);
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Whether a write to `[offset, end)` of the cluster with entry `e` can go in place; the
+    /// host offset of the cluster if so.
+    fn in_place(&self, e: L2Entry, offset: u64, end: u64) -> Option<u64> {
+        if e.entry & (l2::COMPRESSED | ZERO) != 0 || e.entry & COPIED == 0 {
+            return None;
+        }
+        let host = e.entry & L2_OFFSET_MASK;
+        if host == 0 && !self.has_data_file() {
+            return None;
+        }
+        if self.geometry.extended_l2() {
+            // Every subcluster the write touches must be allocated already.
+            let sc = self.geometry.subcluster_size();
+            let c_start = offset - self.geometry.in_cluster(offset);
+            let first = (offset - c_start) / sc;
+            let last = (end - c_start).div_ceil(sc);
+            let needed = ((1u64 << last) - 1) & !((1u64 << first) - 1);
+            if e.bitmap & needed != needed {
+                return None;
+            }
+        }
+        Some(host)
+    }
+
+    /// Makes a prefix of `[offset, offset + len)` writable; see
+    /// [`FormatDriver::map_for_write`](crate::FormatDriver::map_for_write).
+    pub(super) async fn map_for_write_impl<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        below: ChainView<'a>,
+    ) -> Result<WriteTarget<'a>> {
+        let mut meta: MetaGuard = Arc::clone(&self.meta).lock_owned().await;
+        self.prepare(&mut meta).await?;
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let coverage_end = (offset / g.l2_coverage() + 1) * g.l2_coverage();
+        let end = (offset + len).min(coverage_end);
+        let cluster = g.guest_cluster(GuestOffset(offset));
+        let l1_index = g.l1_index(cluster) as usize;
+        let table = self.writable_l2(&mut meta, l1_index).await?;
+        let c_start = offset / cs * cs;
+        let idx = |pos: u64| g.l2_index(g.guest_cluster(GuestOffset(pos)));
+        let piece_end = |pos: u64| (pos / cs * cs + cs).min(end);
+
+        let e0 = table.entry(idx(offset));
+        if let Some(host) = self.in_place(e0, offset, piece_end(offset)) {
+            let mut pos = c_start + cs;
+            while pos < end {
+                match self.in_place(table.entry(idx(pos)), pos, piece_end(pos)) {
+                    Some(h) if h == host + (pos - c_start) => pos += cs,
+                    _ => break,
+                }
+            }
+            return Ok(WriteTarget {
+                len: pos.min(end) - offset,
+                storage: self.data.as_ref(),
+                offset: host + (offset - c_start),
+                commit: None,
+            });
+        }
+
+        // A run of clusters that need a new host cluster.
+        let max_run = if self.has_data_file() {
+            u64::MAX
+        } else {
+            meta.refcounts().max_run()
+        };
+        let mut n = 1u64;
+        let mut pos = c_start + cs;
+        while pos < end
+            && n < max_run
+            && self
+                .in_place(table.entry(idx(pos)), pos, piece_end(pos))
+                .is_none()
+        {
+            pos += cs;
+            n += 1;
+        }
+        let run_end = pos.min(end);
+        let new_host = if self.has_data_file() {
+            // Data file clusters sit at their guest offset and are not refcounted.
+            c_start
+        } else {
+            self.alloc_clusters(&mut meta, n).await?
+        };
+
+        // Copy-on-write: the parts of the first and last cluster the write does not cover.
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        if offset > c_start {
+            let mut head = vec![0u8; (offset - c_start) as usize];
+            self.read_own(c_start, &mut head, below).await?;
+            self.data.write_at(new_host, &head).await?;
+        }
+        let last_start = (run_end - 1) / cs * cs;
+        let tail_end = (last_start + cs).min(size.div_ceil(512) * 512).max(run_end);
+        if run_end < tail_end {
+            let mut tail = vec![0u8; (tail_end - run_end) as usize];
+            self.read_own(run_end, &mut tail, below).await?;
+            self.data
+                .write_at(new_host + (run_end - c_start), &tail)
+                .await?;
+        }
+
+        let first_index = idx(offset);
+        let extended = g.extended_l2();
+        let commit: WriteCommit<'a> = Box::new(move || {
+            Box::pin(async move {
+                let mut meta = meta;
+                for k in 0..n {
+                    let i = first_index + k as usize;
+                    let old = table.entry(i);
+                    let new = L2Entry {
+                        entry: (new_host + k * cs) | COPIED,
+                        bitmap: if extended { 0xffff_ffff } else { 0 },
+                    };
+                    table.set(i, new);
+                    let old_host = old.entry & L2_OFFSET_MASK;
+                    let reused = self.has_data_file() && old_host == new_host + k * cs;
+                    if !reused {
+                        self.release_entry(&mut meta, old, false).await?;
+                    }
+                }
+                drop(meta);
+                Ok(())
+            })
+        });
+        Ok(WriteTarget {
+            len: run_end - offset,
+            storage: self.data.as_ref(),
+            offset: new_host + (offset - c_start),
+            commit: Some(commit),
+        })
+    }
+
+    /// Writes `buf` at guest `offset` through the allocation path (for zeroing and
+    /// discarding partial clusters).
+    async fn write_buf(&self, offset: u64, buf: &[u8], below: ChainView<'_>) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let t = self
+                .map_for_write_impl(at, (buf.len() - done) as u64, below)
+                .await?;
+            let n = t.len as usize;
+            t.storage.write_at(t.offset, &buf[done..done + n]).await?;
+            if let Some(c) = t.commit {
+                c().await?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Sets the entry of the whole cluster at `offset` with the metadata lock held.
+    async fn set_cluster(
+        &self,
+        offset: u64,
+        new: impl FnOnce(L2Entry) -> (L2Entry, bool),
+        punch: bool,
+    ) -> Result<()> {
+        let mut meta = Arc::clone(&self.meta).lock_owned().await;
+        self.prepare(&mut meta).await?;
+        let g = self.geometry;
+        let cluster = g.guest_cluster(GuestOffset(offset));
+        let table = self
+            .writable_l2(&mut meta, g.l1_index(cluster) as usize)
+            .await?;
+        let i = g.l2_index(cluster);
+        let old = table.entry(i);
+        let (entry, release) = new(old);
+        table.set(i, entry);
+        if release {
+            self.release_entry(&mut meta, old, punch).await?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[offset, offset + len)`: whole clusters by metadata where the format allows,
+    /// the rest by writing zeros.
+    pub(super) async fn write_zeroes_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        below: ChainView<'_>,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        let v3 = self.header.version >= 3;
+        let raw_data = self.header.data_file_raw();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let c_start = pos / cs * cs;
+            let c_end = (c_start + cs).min(size);
+            let piece_end = end.min(c_start + cs);
+            let whole = pos == c_start && piece_end >= c_end;
+            if whole && v3 && !raw_data {
+                let extended = self.geometry.extended_l2();
+                let data_file = self.has_data_file();
+                self.set_cluster(
+                    c_start,
+                    |old| {
+                        let host = old.entry & L2_OFFSET_MASK;
+                        let keep = !unmap
+                            && old.entry & COPIED != 0
+                            && old.entry & l2::COMPRESSED == 0
+                            && (host != 0 || data_file);
+                        let entry = if keep { host | COPIED } else { 0 };
+                        let new = if extended {
+                            L2Entry {
+                                entry,
+                                bitmap: 0xffff_ffff << 32,
+                            }
+                        } else {
+                            L2Entry {
+                                entry: entry | ZERO,
+                                bitmap: 0,
+                            }
+                        };
+                        (new, !keep)
+                    },
+                    unmap,
+                )
+                .await?;
+            } else if whole && below.is_empty() && !raw_data {
+                // v2 without backing: an unallocated cluster already reads as zeros.
+                let (state, _) = self.map_run(c_start, c_end - c_start).await?;
+                if state != ClusterState::Unallocated {
+                    self.write_buf(pos, &vec![0u8; (piece_end - pos) as usize], below)
+                        .await?;
+                }
+            } else {
+                self.write_buf(pos, &vec![0u8; (piece_end - pos) as usize], below)
+                    .await?;
+            }
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Discards `[offset, offset + len)` with the meaning `mode`.
+    pub(super) async fn discard_impl(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: DiscardMode,
+        below: ChainView<'_>,
+    ) -> Result<()> {
+        if mode == DiscardMode::ReadsZero {
+            return self.write_zeroes_impl(offset, len, true, below).await;
+        }
+        if self.header.data_file_raw() {
+            // A raw data file must keep reading as the guest disk (and has no backing file):
+            // discarded whole clusters read as zeros there, as in QEMU; partial ones are
+            // left alone unless zeros were asked for.
+            let cs = self.geometry.cluster_size();
+            let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+            let (start, end) = if mode == DiscardMode::ReadsAnything {
+                let end = if offset + len >= size {
+                    size
+                } else {
+                    (offset + len) / cs * cs
+                };
+                (offset.div_ceil(cs) * cs, end)
+            } else {
+                (offset, offset + len)
+            };
+            if start < end {
+                self.write_zeroes_impl(start, end - start, true, below)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let cs = self.geometry.cluster_size();
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        let v3 = self.header.version >= 3;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let c_start = pos / cs * cs;
+            let c_end = (c_start + cs).min(size);
+            let piece_end = end.min(c_start + cs);
+            let whole = pos == c_start && piece_end >= c_end;
+            let zero = mode == DiscardMode::ReadsAnything && v3 && !below.is_empty();
+            if whole {
+                let extended = self.geometry.extended_l2();
+                self.set_cluster(
+                    c_start,
+                    |_| {
+                        let new = match (zero, extended) {
+                            (true, true) => L2Entry {
+                                entry: 0,
+                                bitmap: 0xffff_ffff << 32,
+                            },
+                            (true, false) => L2Entry {
+                                entry: ZERO,
+                                bitmap: 0,
+                            },
+                            (false, _) => L2Entry {
+                                entry: 0,
+                                bitmap: 0,
+                            },
+                        };
+                        (new, true)
+                    },
+                    true,
+                )
+                .await?;
+            } else if mode == DiscardMode::ReadsBacking {
+                let mut buf = vec![0u8; (piece_end - pos) as usize];
+                below.read(pos, &mut buf).await?;
+                self.write_buf(pos, &buf, below).await?;
+            }
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Writes cached metadata in crash-safe order; `durable` adds the final sync.
+    pub(super) async fn flush_impl(&self, durable: bool) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut meta = self.meta.lock().await;
+        let file = self.file.as_ref();
+        let dirty_tables = self.cache.dirty();
+        let mut wrote = false;
+        if let Some(rc) = meta.refcounts.as_mut() {
+            if rc.is_dirty() {
+                rc.flush(file, true).await?;
+                wrote = true;
+            }
+        }
+        if !dirty_tables.is_empty() {
+            if wrote {
+                file.sync().await?;
+            }
+            for (offset, table) in &dirty_tables {
+                let bytes = table.take_bytes();
+                if let Err(e) = file.write_at(*offset, &bytes).await {
+                    table.mark_dirty();
+                    return Err(e);
+                }
+            }
+            wrote = true;
+        }
+        if meta.l1_dirty {
+            if wrote {
+                file.sync().await?;
+            }
+            let raw: Vec<u8> = self
+                .l1
+                .read()
+                .unwrap()
+                .iter()
+                .flat_map(|e| e.to_be_bytes())
+                .collect();
+            file.write_at(meta.header.l1_table_offset, &raw).await?;
+            meta.l1_dirty = false;
+            wrote = true;
+        }
+        if durable || wrote {
+            file.sync().await?;
+            if self.has_data_file() {
+                self.data.sync().await?;
+            }
+        }
+        Ok(())
+    }
+}
