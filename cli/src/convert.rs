@@ -1,6 +1,6 @@
 //! `vmimg convert`: mapping-driven, parallel copy that keeps holes.
 
-use crate::create::{parse_options, raw_create_from_options};
+use crate::create::{parse_options, qcow2_plan, raw_create_from_options};
 use crate::size::parse_size;
 use crate::{open_image_with, usage_error, CmdResult};
 use clap::Args;
@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::task::JoinSet;
-use vmimg::{Error, ErrorKind, Format, Image, OpenOptions, RawOpen};
+use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
 
 /// Size of one copy job.
 const CHUNK: u64 = 2 << 20;
@@ -144,13 +144,7 @@ impl Job {
 pub async fn run(args: ConvertArgs) -> CmdResult {
     let (dst_name, src_names) = args.files.split_last().expect("clap requires two files");
     let out_format = Format::from_name(&args.out_format)?;
-    if out_format != Format::Raw {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("converting to {out_format} is not supported yet"),
-        ));
-    }
-    if args.compress {
+    if args.compress && out_format != Format::Qcow2 {
         return Err(Error::new(
             ErrorKind::Unsupported,
             "Compression not supported for this file format",
@@ -174,23 +168,53 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     }
 
     let opts = parse_options(&args.options)?;
-    let dst = if args.no_create {
-        let dst = RawOpen::path(dst_name).writable(true).open().await?;
-        if dst.size() < total {
-            return Err(usage_error(format!(
-                "target '{dst_name}' is smaller ({}) than the source ({total})",
-                dst.size()
-            )));
+    if !args.no_create {
+        match out_format {
+            Format::Qcow2 => {
+                let plan = qcow2_plan(Some(total), &opts, dst_name, false).await?;
+                plan.create.create(dst_name).await
+            }
+            _ => {
+                let (create, _, _) = raw_create_from_options(Some(total), &opts)?;
+                create.create(dst_name).await
+            }
         }
-        dst
-    } else {
-        let (create, _, _) = raw_create_from_options(Some(total), &opts)?;
-        create
-            .create(dst_name)
-            .await
-            .map_err(|e| e.with_operation("create"))?;
-        RawOpen::path(dst_name).writable(true).open().await?
-    };
+        .map_err(|e| e.with_operation("create"))?;
+    }
+    let dst = ImageOpen::path(dst_name)
+        .format(out_format)
+        .writable(true)
+        .open()
+        .await?;
+    if dst.size() < total {
+        return Err(usage_error(format!(
+            "target '{dst_name}' is smaller ({}) than the source ({total})",
+            dst.size()
+        )));
+    }
+    if args.compress {
+        let sources: Vec<(Image, u64)> = {
+            let mut base = 0;
+            sources
+                .iter()
+                .map(|s| {
+                    let b = base;
+                    base += s.size();
+                    (s.clone(), b)
+                })
+                .collect()
+        };
+        compressed_copy(
+            Arc::new(sources),
+            &dst,
+            total,
+            jobs,
+            args.progress && !args.quiet,
+        )
+        .await?;
+        dst.sync().await?;
+        return Ok(0);
+    }
     let fresh = !args.no_create;
 
     let bar = (args.progress && !args.quiet).then(|| {
@@ -257,6 +281,95 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         b.finish();
     }
     Ok(0)
+}
+
+/// Reads `buf.len()` bytes at `offset` of the concatenation of `sources` (image, base).
+async fn read_concat(sources: &[(Image, u64)], offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+    let mut done = 0usize;
+    for (img, base) in sources {
+        let end = base + img.size();
+        let at = offset + done as u64;
+        if done == buf.len() {
+            break;
+        }
+        if at >= end || at < *base {
+            continue;
+        }
+        let n = ((end - at) as usize).min(buf.len() - done);
+        img.read(at - base, &mut buf[done..done + n]).await?;
+        done += n;
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+/// Whether `[offset, offset + len)` of the concatenation reads as zeros per block status.
+async fn known_zero(sources: &[(Image, u64)], offset: u64, len: u64) -> Result<bool, Error> {
+    for (img, base) in sources {
+        let (start, end) = (offset.max(*base), (offset + len).min(base + img.size()));
+        let mut pos = start;
+        while pos < end {
+            let st = img.block_status(pos - base, end - pos).await?;
+            if !st.zero() {
+                return Ok(false);
+            }
+            pos += st.len;
+        }
+    }
+    Ok(true)
+}
+
+/// `convert -c`: every non-zero cluster stored compressed, jobs compressing in parallel.
+async fn compressed_copy(
+    sources: Arc<Vec<(Image, u64)>>,
+    dst: &Image,
+    total: u64,
+    jobs: usize,
+    show_progress: bool,
+) -> Result<(), Error> {
+    let cs = dst.cluster_size().unwrap_or(65536);
+    let chunk = CHUNK.max(cs) / cs * cs;
+    let bar = show_progress.then(|| ProgressBar::new(total));
+    let mut set: JoinSet<Result<u64, Error>> = JoinSet::new();
+    let mut off = 0u64;
+    while off < total {
+        let len = chunk.min(total - off);
+        if known_zero(&sources, off, len).await? {
+            if let Some(b) = &bar {
+                b.inc(len);
+            }
+            off += len;
+            continue;
+        }
+        while set.len() >= jobs {
+            let n = join_one(&mut set).await?;
+            if let Some(b) = &bar {
+                b.inc(n);
+            }
+        }
+        let (sources, dst) = (Arc::clone(&sources), dst.clone());
+        set.spawn(async move {
+            let mut buf = vec![0u8; len as usize];
+            read_concat(&sources, off, &mut buf).await?;
+            for (i, cluster) in buf.chunks(cs as usize).enumerate() {
+                if !is_zero(cluster) {
+                    dst.write_compressed(off + i as u64 * cs, cluster).await?;
+                }
+            }
+            Ok(len)
+        });
+        off += len;
+    }
+    while !set.is_empty() {
+        let n = join_one(&mut set).await?;
+        if let Some(b) = &bar {
+            b.inc(n);
+        }
+    }
+    if let Some(b) = bar {
+        b.finish();
+    }
+    Ok(())
 }
 
 async fn join_one(set: &mut JoinSet<Result<u64, Error>>) -> Result<u64, Error> {

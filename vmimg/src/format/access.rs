@@ -518,6 +518,22 @@ impl Image {
         ]
     }
 
+    /// Writes one whole cluster compressed (see [`FormatDriver::write_compressed`]); `offset`
+    /// must be cluster aligned and `buf` a whole cluster, or the image's last partial one.
+    pub async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_write("write_compressed", offset, buf.len() as u64)?;
+        self.inner.unflushed.store(true, Ordering::Relaxed);
+        self.top()
+            .write_compressed(offset, buf, self.below())
+            .await
+            .map_err(|e| self.ctx(e, "write_compressed", offset))
+    }
+
+    /// The format's cluster size, if it has clusters.
+    pub fn cluster_size(&self) -> Option<u64> {
+        self.top().cluster_size()
+    }
+
     /// Makes `len` bytes at `offset` read as zeros. With `may_unmap` the space may be
     /// released (qemu-io's `write -z -u`).
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

@@ -307,6 +307,29 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<WriteTarget<'a>>>;
 
+    /// Stores one whole cluster at cluster-aligned `offset` compressed (the last cluster of
+    /// the image may be shorter: it is padded with zeros). Data that does not shrink is
+    /// stored uncompressed. Formats without compression refuse with
+    /// [`ErrorKind::Unsupported`].
+    fn write_compressed<'a>(
+        &'a self,
+        _offset: u64,
+        _buf: &'a [u8],
+        _below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "Compression not supported for this file format",
+            ))
+        })
+    }
+
+    /// The unit of compressed writes and of allocation, for formats that have one.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Makes the range read as zeros at this layer (not falling through to `below`).
     /// `may_unmap` allows releasing the space.
     fn write_zeroes<'a>(

@@ -30,7 +30,31 @@ pub enum DecompressError {
     },
 }
 
+/// Compresses one cluster for storage; `None` when the result would not be smaller than
+/// the cluster (QEMU then stores the cluster uncompressed).
+pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    let limit = input.len().saturating_sub(1);
+    match kind {
+        CompressionType::Deflate => DEFLATE.with(|c| {
+            let mut out = vec![0u8; limit];
+            let n = c.borrow_mut().deflate_compress(input, &mut out).ok()?;
+            out.truncate(n);
+            Some(out)
+        }),
+        CompressionType::Zstd => {
+            let out = zstd::bulk::compress(input, ZSTD_LEVEL).ok()?;
+            (out.len() <= limit).then_some(out)
+        }
+    }
+}
+
+/// zstd level for compressed clusters (zstd's default, as QEMU uses).
+const ZSTD_LEVEL: i32 = 3;
+
 thread_local! {
+    static DEFLATE: RefCell<libdeflater::Compressor> = RefCell::new(libdeflater::Compressor::new(
+        libdeflater::CompressionLvl::new(6).expect("level 6 is valid"),
+    ));
     static INFLATE: RefCell<libdeflater::Decompressor> =
         RefCell::new(libdeflater::Decompressor::new());
     static ZSTD: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
@@ -127,6 +151,21 @@ mod tests {
         let mut out = vec![0u8; data.len()];
         decompress(CompressionType::Zstd, &comp, &mut out).unwrap();
         assert!(out == data);
+    }
+
+    #[test]
+    fn compress_round_trips_and_refuses_incompressible_data() {
+        let data = cluster();
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let c = compress(kind, &data).unwrap();
+            assert!(c.len() < data.len() / 4);
+            let mut out = vec![0u8; data.len()];
+            decompress(kind, &c, &mut out).unwrap();
+            assert!(out == data);
+            let mut rng = fastrand::Rng::with_seed(5);
+            let noise: Vec<u8> = (0..65536).map(|_| rng.u8(..)).collect();
+            assert!(compress(kind, &noise).is_none(), "{kind:?}");
+        }
     }
 
     #[test]

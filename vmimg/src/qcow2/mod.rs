@@ -503,6 +503,22 @@ impl FormatDriver for Qcow2Driver {
         })
     }
 
+    fn write_compressed<'a>(
+        &'a self,
+        offset: u64,
+        buf: &'a [u8],
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_write()?;
+            self.write_compressed_impl(offset, buf, below).await
+        })
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geometry.cluster_size())
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         offset: u64,

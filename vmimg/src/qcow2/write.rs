@@ -33,6 +33,8 @@ pub struct Meta {
     refcounts: Option<Refcounts>,
     l1_dirty: bool,
     prepared: bool,
+    /// Next free byte in the host cluster that compressed data is being packed into.
+    free_byte: Option<u64>,
 }
 
 impl Meta {
@@ -43,6 +45,7 @@ impl Meta {
             refcounts: None,
             l1_dirty: false,
             prepared: false,
+            free_byte: None,
         }
     }
 
@@ -160,6 +163,14 @@ impl Qcow2Driver {
         }
         let moved = rc.set(self.file.as_ref(), c, v - 1).await?;
         self.record_move(meta, moved).await?;
+        if v == 1
+            && meta
+                .free_byte
+                .is_some_and(|fb| fb >> self.geometry.cluster_bits() == c)
+        {
+            // The cluster compressed data was packed into is free now: stop packing there.
+            meta.free_byte = None;
+        }
         if v == 1 && punch {
             self.file
                 .discard(host, self.geometry.cluster_size())
@@ -429,6 +440,82 @@ impl Qcow2Driver {
             offset: new_host + (offset - c_start),
             commit: Some(commit),
         })
+    }
+
+    /// Finds `n` (< cluster size) bytes for compressed data: packed after the previous
+    /// compressed cluster when it fits in that host cluster (one more reference to it),
+    /// else at the start of a new cluster.
+    async fn alloc_bytes(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+        let cs = self.geometry.cluster_size();
+        if let Some(fb) = meta.free_byte {
+            if fb % cs != 0 && fb % cs + n <= cs {
+                let c = fb / cs;
+                let rc = meta.refcounts();
+                let v = rc.get(self.file.as_ref(), c).await?;
+                let moved = rc.set(self.file.as_ref(), c, v + 1).await?;
+                self.record_move(meta, moved).await?;
+                meta.free_byte = Some(fb + n);
+                return Ok(fb);
+            }
+        }
+        let start = self.alloc_clusters(meta, 1).await?;
+        meta.free_byte = Some(start + n);
+        Ok(start)
+    }
+
+    /// Stores a whole cluster compressed; see
+    /// [`FormatDriver::write_compressed`](crate::FormatDriver::write_compressed).
+    pub(super) async fn write_compressed_impl(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        below: ChainView<'_>,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        let len = buf.len() as u64;
+        if g.in_cluster(offset) != 0 || !(len == cs || (len < cs && offset + len == size)) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("compressed writes take whole clusters ({cs} bytes at aligned offsets)"),
+            ));
+        }
+        if self.has_data_file() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "compressed clusters are impossible with an external data file",
+            ));
+        }
+        let mut cluster = buf.to_vec();
+        cluster.resize(cs as usize, 0);
+        let kind = self.header.compression_type;
+        // Compression is CPU work: off the executor, and outside the metadata lock so that
+        // many clusters compress in parallel.
+        let compressed = tokio::task::spawn_blocking(move || {
+            super::compress::compress(kind, &cluster).ok_or(cluster)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, "compression task failed").with_source(e))?;
+        let data = match compressed {
+            Ok(data) => data,
+            Err(_) => return self.write_buf(offset, buf, below).await,
+        };
+        let mut meta = Arc::clone(&self.meta).lock_owned().await;
+        self.prepare(&mut meta).await?;
+        let cluster = g.guest_cluster(GuestOffset(offset));
+        let table = self
+            .writable_l2(&mut meta, g.l1_index(cluster) as usize)
+            .await?;
+        let host = self.alloc_bytes(&mut meta, data.len() as u64).await?;
+        self.file.write_at(host, &data).await?;
+        let x = 62 - (g.cluster_bits() - 8);
+        let extra_sectors = (host + data.len() as u64 - 1) / 512 - host / 512;
+        let entry = l2::COMPRESSED | (extra_sectors << x) | host;
+        let i = g.l2_index(cluster);
+        let old = table.entry(i);
+        table.set(i, L2Entry { entry, bitmap: 0 });
+        self.release_entry(&mut meta, old, false).await
     }
 
     /// Writes `buf` at guest `offset` through the allocation path (for zeroing and
