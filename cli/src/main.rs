@@ -7,6 +7,7 @@ mod dd;
 mod info;
 mod io;
 mod map;
+mod resize;
 mod size;
 mod snapshot;
 
@@ -36,6 +37,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// Show the allocation map of an image (like `qemu-img map`).
     Map(map::MapArgs),
+    /// Grow or shrink an image (like `qemu-img resize`).
+    Resize(resize::ResizeArgs),
     /// Copy with dd's operands (like `qemu-img dd`).
     Dd(dd::DdArgs),
     /// List internal snapshots (like `qemu-img snapshot -l`).
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
             Cmd::Io(a) => io::run(a).await,
             Cmd::Map(a) => map::run(a).await,
             Cmd::Dd(a) => dd::run(a).await,
+            Cmd::Resize(a) => resize::run(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,
         }
     });

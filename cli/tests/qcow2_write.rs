@@ -380,3 +380,70 @@ fn qemu_io_reads_and_rewrites_clusters_vmimg_compressed() {
     qemu_img(["check", "-f", "qcow2", s(&ours)]).ok();
     qemu_img(["compare", "-f", "raw", "-F", "qcow2", s(&src), s(&ours)]).ok();
 }
+
+#[test]
+fn resize_grows_like_qemu_img_including_l1_growth() {
+    let dir = tempdir();
+    // 512-byte clusters: one L1 cluster covers 2 MiB, so growing to 64 MiB moves the L1.
+    for (opts, first, grow) in [
+        ("cluster_size=512", "1M", "64M"),
+        ("", "10M", "+3G"),
+        ("extended_l2=on", "3M", "+5M"),
+        ("compat=0.10", "3M", "+5M"),
+    ] {
+        create_twins(dir.path(), opts, &[], first);
+        for name in ["ours.qcow2", "theirs.qcow2"] {
+            qemu_io_in(dir.path(), ["-f", "qcow2", "-c", "write -P 7 0 700k", name]).ok();
+        }
+        vmimg_in(dir.path(), ["resize", "-f", "qcow2", "ours.qcow2", grow]).ok();
+        qemu_img_in(dir.path(), ["resize", "-f", "qcow2", "theirs.qcow2", grow]).ok();
+        qemu_img_in(dir.path(), ["check", "ours.qcow2"]).ok();
+        qemu_img_in(dir.path(), ["compare", "-s", "ours.qcow2", "theirs.qcow2"]).ok();
+        // The image stays writable past the old end.
+        let cmds = commands(30, 8 << 20, 60);
+        twin(dir.path(), "ours.qcow2", "theirs.qcow2", &cmds);
+    }
+}
+
+#[test]
+fn shrink_needs_the_flag_and_regrown_space_reads_zeros() {
+    let dir = tempdir();
+    create_twins(dir.path(), "", &[], "4M");
+    let img = "ours.qcow2";
+    qemu_io_in(dir.path(), ["-f", "qcow2", "-c", "write -P 7 0 4M", img]).ok();
+    let r = vmimg_in(dir.path(), ["resize", "-f", "qcow2", img, "1000k"]);
+    assert_eq!(r.status, 1);
+    assert!(r.stderr.contains("--shrink"), "{}", r.stderr);
+    vmimg_in(
+        dir.path(),
+        ["resize", "-f", "qcow2", "--shrink", img, "1000k"],
+    )
+    .ok();
+    qemu_img_in(dir.path(), ["check", img]).ok();
+    vmimg_in(dir.path(), ["resize", "-f", "qcow2", img, "+3M"]).ok();
+    qemu_img_in(dir.path(), ["check", img]).ok();
+    // Unlike qemu-img (which exposes the stale tail of the last cluster), every byte past
+    // the shrunken end reads as zero after growing again.
+    qemu_io_in(
+        dir.path(),
+        [
+            "-f",
+            "qcow2",
+            "-r",
+            "-c",
+            "read -P 7 0 1000k",
+            "-c",
+            "read -P 0 1000k 3M",
+            img,
+        ],
+    )
+    .ok();
+    // Shrinking frees the clusters past the end.
+    let info = qemu_img_in(dir.path(), ["check", "--output=json", img]).ok();
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    assert!(
+        v["allocated-clusters"].as_u64().unwrap() <= 16,
+        "{}",
+        info.stdout
+    );
+}

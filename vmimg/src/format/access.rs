@@ -631,7 +631,7 @@ impl Image {
         self.inner.unflushed.store(true, Ordering::Relaxed);
         let _exclusive = self.inner.rmw.write().await;
         self.top()
-            .resize(new_size, prealloc)
+            .resize(new_size, prealloc, self.below())
             .await
             .map_err(|e| self.ctx(e, "resize", new_size))
     }
@@ -819,7 +819,12 @@ mod tests {
         ) -> BoxFuture<'a, Result<()>> {
             Box::pin(async move { self.storage.discard(offset, len).await })
         }
-        fn resize(&self, _s: u64, _p: PreallocMode) -> BoxFuture<'_, Result<()>> {
+        fn resize<'a>(
+            &'a self,
+            _s: u64,
+            _p: PreallocMode,
+            _below: ChainView<'a>,
+        ) -> BoxFuture<'a, Result<()>> {
             Box::pin(async { Err(Error::new(ErrorKind::Unsupported, "no")) })
         }
         fn flush(&self) -> BoxFuture<'_, Result<()>> {

@@ -349,8 +349,14 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<()>>;
 
-    /// Changes the virtual size.
-    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, Result<()>>;
+    /// Changes the virtual size. Space that becomes visible reads as zeros (not as stale
+    /// data, nor as the backing file's data); growing uses `prealloc` for the new space.
+    fn resize<'a>(
+        &'a self,
+        new_size: u64,
+        prealloc: PreallocMode,
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>>;
 
     /// Writes cached metadata to storage and flushes the storage.
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
@@ -390,6 +396,11 @@ impl<'a> ChainView<'a> {
     /// Whether there is no layer.
     pub fn is_empty(&self) -> bool {
         self.layers.is_empty()
+    }
+
+    /// Virtual size of the first layer (0 for an empty chain).
+    pub fn size(&self) -> u64 {
+        self.layers.first().map_or(0, |l| l.size())
     }
 
     /// Reads guest data through these layers; past the end of the chain (or of a shorter

@@ -545,12 +545,15 @@ impl FormatDriver for Qcow2Driver {
         })
     }
 
-    fn resize(&self, _new_size: u64, _prealloc: PreallocMode) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async {
-            Err(Error::new(
-                ErrorKind::Unsupported,
-                "resizing qcow2 images is not supported yet",
-            ))
+    fn resize<'a>(
+        &'a self,
+        new_size: u64,
+        prealloc: PreallocMode,
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_write()?;
+            self.resize_impl(new_size, prealloc, below).await
         })
     }
 

@@ -21,6 +21,7 @@ use super::refcount::{Refcounts, ReftableMove};
 use super::types::GuestOffset;
 use super::Qcow2Driver;
 use crate::format::{ChainView, DiscardMode, WriteCommit, WriteTarget};
+use crate::storage::PreallocMode;
 use crate::storage::{Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use std::sync::Arc;
@@ -709,6 +710,10 @@ impl Qcow2Driver {
             return Ok(());
         }
         let mut meta = self.meta.lock().await;
+        self.flush_locked(&mut meta, durable).await
+    }
+
+    async fn flush_locked(&self, meta: &mut Meta, durable: bool) -> Result<()> {
         let file = self.file.as_ref();
         let dirty_tables = self.cache.dirty();
         let mut wrote = false;
@@ -750,6 +755,176 @@ impl Qcow2Driver {
             file.sync().await?;
             if self.has_data_file() {
                 self.data.sync().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2Driver {
+    /// Moves the L1 table to a new area holding `entries` entries (flushing first, so the
+    /// new table never points at unwritten L2 tables).
+    async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        if entries * 8 > super::header::MAX_L1_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the new size needs an L1 table above 32 MiB",
+            ));
+        }
+        let clusters = (entries * 8).div_ceil(cs);
+        if clusters > meta.refcounts().max_run() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("growing the L1 table to {clusters} clusters at once is not supported"),
+            ));
+        }
+        self.flush_locked(meta, true).await?;
+        let new_offset = self.alloc_clusters(meta, clusters).await?;
+        let mut table = self.l1.read().unwrap().clone();
+        table.resize(entries as usize, 0);
+        let mut raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        raw.resize((clusters * cs) as usize, 0);
+        // The new table's refcounts must be on disk before the header points at it.
+        meta.refcounts().flush(self.file.as_ref(), true).await?;
+        self.file.write_at(new_offset, &raw).await?;
+        self.file.sync().await?;
+        let old_offset = meta.header.l1_table_offset;
+        let old_clusters = (u64::from(meta.header.l1_size) * 8).div_ceil(cs);
+        meta.header.l1_table_offset = new_offset;
+        meta.header.l1_size = entries as u32;
+        self.write_header(&meta.header).await?;
+        self.file.sync().await?;
+        *self.l1.write().unwrap() = table;
+        for i in 0..old_clusters {
+            if old_offset != 0 {
+                self.unref_cluster(meta, old_offset + i * cs, true).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the virtual size (see [`FormatDriver::resize`](crate::FormatDriver::resize)).
+    pub(super) async fn resize_impl(
+        &self,
+        new_size: u64,
+        prealloc: PreallocMode,
+        below: ChainView<'_>,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let old = self.size.load(std::sync::atomic::Ordering::Acquire);
+        if new_size % 512 != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "qcow2 sizes must be multiples of 512 bytes",
+            ));
+        }
+        if self.has_data_file() && new_size != old {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "resizing images with an external data file is not supported yet",
+            ));
+        }
+        if new_size < old {
+            // Release every cluster wholly past the new end, visiting only existing tables,
+            // then the L2 tables past it.
+            let mut meta = Arc::clone(&self.meta).lock_owned().await;
+            self.prepare(&mut meta).await?;
+            let first_cluster = new_size.div_ceil(cs);
+            let l1_len = self.l1.read().unwrap().len() as u64;
+            for l1_index in first_cluster / g.l2_entries()..l1_len {
+                let l1e = self.l1.read().unwrap()[l1_index as usize];
+                if l1e & L1_OFFSET_MASK == 0 {
+                    continue;
+                }
+                let table = self.writable_l2(&mut meta, l1_index as usize).await?;
+                let start = if l1_index == first_cluster / g.l2_entries() {
+                    (first_cluster % g.l2_entries()) as usize
+                } else {
+                    0
+                };
+                for i in start..table.len() {
+                    let e = table.entry(i);
+                    if e.entry != 0 || e.bitmap != 0 {
+                        table.set(
+                            i,
+                            L2Entry {
+                                entry: 0,
+                                bitmap: 0,
+                            },
+                        );
+                        self.release_entry(&mut meta, e, true).await?;
+                    }
+                }
+            }
+            let keep = g.l1_entries_for(new_size).unwrap_or(0) as usize;
+            let dropped: Vec<(usize, u64)> = self
+                .l1
+                .read()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .skip(keep)
+                .filter(|(_, e)| *e & L1_OFFSET_MASK != 0)
+                .map(|(i, e)| (i, *e))
+                .collect();
+            for (i, e) in dropped {
+                // Write the table out first if dirty, so nothing references it afterwards.
+                self.flush_locked(&mut meta, false).await?;
+                self.l1.write().unwrap()[i] = 0;
+                meta.l1_dirty = true;
+                self.flush_locked(&mut meta, true).await?;
+                self.unref_cluster(&mut meta, e & L1_OFFSET_MASK, true)
+                    .await?;
+            }
+            meta.header.size = new_size;
+            self.write_header(&meta.header).await?;
+            self.size
+                .store(new_size, std::sync::atomic::Ordering::Release);
+            return self.flush_locked(&mut meta, true).await;
+        }
+        {
+            let mut meta = Arc::clone(&self.meta).lock_owned().await;
+            self.prepare(&mut meta).await?;
+            let needed = g.l1_entries_for(new_size).unwrap_or(u64::MAX);
+            if needed > self.l1.read().unwrap().len() as u64 {
+                self.grow_l1(&mut meta, needed).await?;
+            }
+            meta.header.size = new_size;
+            self.write_header(&meta.header).await?;
+            self.file.sync().await?;
+            self.size
+                .store(new_size, std::sync::atomic::Ordering::Release);
+        }
+        // The new space must read as zeros: the tail of the old last cluster may hold stale
+        // bytes, and a larger backing file would show through unallocated clusters.
+        let tail_end = (old.div_ceil(cs) * cs).min(new_size);
+        if tail_end > old {
+            let (state, _) = self.map_run(old, tail_end - old).await?;
+            if state != ClusterState::Unallocated {
+                self.write_zeroes_impl(old, tail_end - old, false, below)
+                    .await?;
+            }
+        }
+        let below_end = below.size().min(new_size);
+        if below_end > tail_end.max(old) {
+            let from = tail_end.max(old);
+            self.write_zeroes_impl(from, below_end - from, false, below)
+                .await?;
+        }
+        if matches!(
+            prealloc,
+            PreallocMode::Full | PreallocMode::Falloc | PreallocMode::Metadata
+        ) {
+            // Allocate the new space with zeros written (metadata and falloc as well: the
+            // clusters then exist, as the modes ask, and read as zeros).
+            let mut pos = old;
+            let zeros = vec![0u8; (cs as usize).max(1 << 20).min((new_size - old) as usize)];
+            while pos < new_size {
+                let n = (new_size - pos).min(zeros.len() as u64) as usize;
+                self.write_buf(pos, &zeros[..n], below).await?;
+                pos += n as u64;
             }
         }
         Ok(())

@@ -138,7 +138,12 @@ impl FormatDriver for RawDriver {
         }
     }
 
-    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, Result<()>> {
+    fn resize<'a>(
+        &'a self,
+        new_size: u64,
+        prealloc: PreallocMode,
+        _below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.storage.resize(new_size, prealloc).await?;
             self.size
