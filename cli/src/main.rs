@@ -1,5 +1,6 @@
 //! `vmimg`: qemu-img's language over the vmimg library.
 
+mod chain;
 mod compare;
 mod convert;
 mod create;
@@ -37,6 +38,10 @@ enum Cmd {
     Io(io::IoArgs),
     /// Show the allocation map of an image (like `qemu-img map`).
     Map(map::MapArgs),
+    /// Write an image's data into its backing file (like `qemu-img commit`).
+    Commit(chain::CommitArgs),
+    /// Change the backing file, keeping the content (like `qemu-img rebase`).
+    Rebase(chain::RebaseArgs),
     /// Grow or shrink an image (like `qemu-img resize`).
     Resize(resize::ResizeArgs),
     /// Copy with dd's operands (like `qemu-img dd`).
@@ -105,6 +110,8 @@ fn main() -> ExitCode {
             Cmd::Map(a) => map::run(a).await,
             Cmd::Dd(a) => dd::run(a).await,
             Cmd::Resize(a) => resize::run(a).await,
+            Cmd::Commit(a) => chain::commit(a).await,
+            Cmd::Rebase(a) => chain::rebase(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,
         }
     });

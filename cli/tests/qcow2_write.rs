@@ -447,3 +447,96 @@ fn shrink_needs_the_flag_and_regrown_space_reads_zeros() {
         info.stdout
     );
 }
+
+/// Twin chains: base.qcow2 (2M, data in the middle) <- top.qcow2 (3M, data, zeros).
+fn twin_chains(dir: &Path) {
+    for p in ["a", "b"] {
+        let base = format!("base-{p}.qcow2");
+        let top = format!("top-{p}.qcow2");
+        qemu_img_in(dir, ["create", "-f", "qcow2", &base, "2M"]).ok();
+        qemu_io_in(dir, ["-f", "qcow2", "-c", "write -P 5 512k 1M", &base]).ok();
+        qemu_img_in(
+            dir,
+            [
+                "create", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top, "3M",
+            ],
+        )
+        .ok();
+        qemu_io_in(
+            dir,
+            [
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 1 0 700k",
+                "-c",
+                "write -z 1500k 100k",
+                "-c",
+                "write -P 2 2500k 10k",
+                &top,
+            ],
+        )
+        .ok();
+    }
+}
+
+#[test]
+fn commit_gives_the_same_images_as_qemu_img_commit() {
+    let dir = tempdir();
+    let d = dir.path();
+    twin_chains(d);
+    vmimg_in(d, ["commit", "top-a.qcow2"]).ok();
+    qemu_img_in(d, ["commit", "top-b.qcow2"]).ok();
+    for name in ["base", "top"] {
+        let (a, b) = (format!("{name}-a.qcow2"), format!("{name}-b.qcow2"));
+        qemu_img_in(d, ["check", &a]).ok();
+        qemu_img_in(d, ["compare", &a, &b]).ok();
+    }
+    // The top was emptied: everything now comes from the base.
+    let map = qemu_img_in(d, ["map", "--output=json", "top-a.qcow2"])
+        .ok()
+        .stdout;
+    assert!(!map.contains("\"depth\": 0, \"present\": true"), "{map}");
+}
+
+#[test]
+fn rebase_safe_and_unsafe_give_the_same_content_as_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    twin_chains(d);
+    qemu_img_in(d, ["create", "-f", "qcow2", "other.qcow2", "3M"]).ok();
+    qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 9 0 3M", "other.qcow2"]).ok();
+    vmimg_in(
+        d,
+        ["rebase", "-b", "other.qcow2", "-F", "qcow2", "top-a.qcow2"],
+    )
+    .ok();
+    qemu_img_in(
+        d,
+        ["rebase", "-b", "other.qcow2", "-F", "qcow2", "top-b.qcow2"],
+    )
+    .ok();
+    qemu_img_in(d, ["check", "top-a.qcow2"]).ok();
+    qemu_img_in(d, ["compare", "top-a.qcow2", "top-b.qcow2"]).ok();
+    let info = vmimg_in(d, ["info", "top-a.qcow2"]).ok().stdout;
+    assert!(info.contains("backing file: other.qcow2"), "{info}");
+    // Removing the backing file keeps the content.
+    vmimg_in(d, ["rebase", "-b", "", "top-a.qcow2"]).ok();
+    qemu_img_in(d, ["compare", "top-a.qcow2", "top-b.qcow2"]).ok();
+    // Unsafe mode only renames, even when the named file does not exist.
+    vmimg_in(
+        d,
+        [
+            "rebase",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "top-b.qcow2",
+        ],
+    )
+    .ok();
+    let info = qemu_img_in(d, ["info", "-U", "--output=json", "top-b.qcow2"]);
+    assert!(info.stdout.contains("gone.qcow2") || info.stderr.contains("gone.qcow2"));
+}

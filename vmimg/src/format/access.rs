@@ -529,6 +529,18 @@ impl Image {
             .map_err(|e| self.ctx(e, "write_compressed", offset))
     }
 
+    /// Records a new backing file name and format in the image header (`None` removes it).
+    /// The open handle keeps reading through its current chain; reopen to use the new one.
+    pub async fn set_backing(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        if !self.is_writable() {
+            return Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only"));
+        }
+        self.top()
+            .set_backing(name, format)
+            .await
+            .map_err(|e| self.ctx(e, "set_backing", 0))
+    }
+
     /// The format's cluster size, if it has clusters.
     pub fn cluster_size(&self) -> Option<u64> {
         self.top().cluster_size()

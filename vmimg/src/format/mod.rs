@@ -325,6 +325,21 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Changes the backing file name (and format) recorded in the image, or removes it with
+    /// `None`. Only the header changes: see `rebase` for keeping the content.
+    fn set_backing<'a>(
+        &'a self,
+        _name: Option<&'a str>,
+        _format: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "this format has no backing file",
+            ))
+        })
+    }
+
     /// The unit of compressed writes and of allocation, for formats that have one.
     fn cluster_size(&self) -> Option<u64> {
         None

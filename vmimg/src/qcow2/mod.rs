@@ -519,6 +519,17 @@ impl FormatDriver for Qcow2Driver {
         Some(self.geometry.cluster_size())
     }
 
+    fn set_backing<'a>(
+        &'a self,
+        name: Option<&'a str>,
+        format: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check_write()?;
+            self.set_backing_impl(name, format).await
+        })
+    }
+
     fn write_zeroes<'a>(
         &'a self,
         offset: u64,

@@ -930,3 +930,33 @@ impl Qcow2Driver {
         Ok(())
     }
 }
+
+impl Qcow2Driver {
+    /// Rewrites the header with a new backing file name and format.
+    pub(super) async fn set_backing_impl(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<()> {
+        if name.is_some() && self.header.data_file_raw() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "an image with a raw external data file cannot have a backing file",
+            ));
+        }
+        let mut meta = self.meta.lock().await;
+        self.prepare(&mut meta).await?;
+        // Metadata first, so the header never names a backing file for half-written tables.
+        self.flush_locked(&mut meta, true).await?;
+        let mut h = meta.header.clone();
+        h.backing_file = name.map(str::to_string);
+        h.backing_format = name.and(format).map(str::to_string);
+        h.backing_file_offset = 0;
+        h.backing_file_size = 0;
+        let bytes = h.to_bytes().map_err(Error::from)?;
+        self.file.write_at(0, &bytes).await?;
+        self.file.sync().await?;
+        meta.header = h;
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! `vmimg commit` and `vmimg rebase`: move data between an image and its backing chain.
+
+use crate::convert::is_zero;
+use crate::{open_image, open_image_with, usage_error, CmdResult};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vmimg::{DiscardMode, ErrorKind, Image, MemoryStorage, OpenOptions, PreallocMode, RawOpen};
+
+/// Bytes copied per step.
+const CHUNK: u64 = 1 << 20;
+
+#[derive(Args, Debug)]
+pub struct CommitArgs {
+    /// Image format (probed when absent; do not probe untrusted images).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Commit into this image of the backing chain (default: the immediate backing file).
+    #[arg(short = 'b')]
+    base: Option<String>,
+    /// Do not empty the image after committing.
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress (accepted for compatibility).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image to commit.
+    filename: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RebaseArgs {
+    /// Image format (probed when absent; do not probe untrusted images).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// New backing file ("" for none).
+    #[arg(short = 'b')]
+    backing: String,
+    /// Format of the new backing file.
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Unsafe: only change the name in the header, keep the data as it is.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// Show progress (accepted for compatibility).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// The image to rebase.
+    filename: String,
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Path and format of the layers of `image`'s chain, top first.
+fn chain_files(image: &Image) -> Vec<(Option<PathBuf>, String)> {
+    let mut out = Vec::new();
+    let mut cur = Some(image.clone());
+    while let Some(img) = cur {
+        out.push((
+            img.driver().storage().path().map(Path::to_path_buf),
+            img.format().name().to_string(),
+        ));
+        cur = img.backing();
+    }
+    out
+}
+
+pub async fn commit(args: CommitArgs) -> CmdResult {
+    let top = open_image(&args.filename, args.format.as_deref(), false, false).await?;
+    let files = chain_files(&top);
+    if files.len() < 2 {
+        return Err(usage_error("Image does not have a backing file"));
+    }
+    let depth = match &args.base {
+        None => 1,
+        Some(b) => {
+            let want = canonical(Path::new(b));
+            files
+                .iter()
+                .position(|(p, _)| p.as_deref().map(canonical).as_ref() == Some(&want))
+                .filter(|&d| d > 0)
+                .ok_or_else(|| usage_error(format!("'{b}' is not in the backing chain")))?
+        }
+    };
+    let (base_path, base_format) = &files[depth];
+    let base_path = base_path
+        .as_ref()
+        .ok_or_else(|| usage_error("the backing file is not a file"))?;
+    // The base is opened writable on its own (with its own backing chain below it).
+    let base = open_image_with(
+        &base_path.to_string_lossy(),
+        Some(base_format),
+        OpenOptions::new().writable(true),
+    )
+    .await?;
+    if base.size() < top.size() {
+        base.resize(top.size(), PreallocMode::Off).await?;
+    }
+    let size = top.size();
+    let mut off = 0u64;
+    let mut buf = vec![0u8; CHUNK as usize];
+    while off < size {
+        let st = top.block_status(off, (size - off).min(CHUNK)).await?;
+        let n = st.len;
+        // Ranges answered above the base are what the commit moves down.
+        if st.present() && st.depth < depth {
+            if st.zero() {
+                base.write_zeroes(off, n, false).await?;
+            } else {
+                top.read(off, &mut buf[..n as usize]).await?;
+                base.write(off, &buf[..n as usize]).await?;
+            }
+        }
+        off += n;
+    }
+    base.sync().await?;
+    if !args.keep && depth == 1 {
+        // Empty the image: everything now falls through to the base, which holds it.
+        let top_rw = open_image(&args.filename, args.format.as_deref(), true, false).await?;
+        match top_rw.discard(0, size, DiscardMode::ReadsBacking).await {
+            Ok(()) => top_rw.sync().await?,
+            Err(e) if e.kind() == ErrorKind::Unsupported => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !args.quiet {
+        println!("Image committed.");
+    }
+    Ok(0)
+}
+
+pub async fn rebase(args: RebaseArgs) -> CmdResult {
+    let new_name = (!args.backing.is_empty()).then_some(args.backing.as_str());
+    if args.unsafe_mode {
+        // The old backing file may be gone: stand in an empty image for it, so that nothing
+        // the image names is opened; only the header changes.
+        let stand_in = RawOpen::storage(Arc::new(MemoryStorage::new()))
+            .open()
+            .await?;
+        let img = open_image_with(
+            &args.filename,
+            args.format.as_deref(),
+            OpenOptions::new().writable(true).backing(stand_in),
+        )
+        .await?;
+        img.set_backing(new_name, args.backing_format.as_deref())
+            .await?;
+        return Ok(0);
+    }
+    let img = open_image(&args.filename, args.format.as_deref(), true, false).await?;
+    let dir = Path::new(&args.filename)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .to_path_buf();
+    let new_backing = match new_name {
+        Some(name) => Some(
+            open_image(
+                &dir.join(name).to_string_lossy(),
+                args.backing_format.as_deref(),
+                false,
+                false,
+            )
+            .await
+            .map_err(|e| e.with_operation("open new backing file"))?,
+        ),
+        None => None,
+    };
+    let size = img.size();
+    let mut off = 0u64;
+    let mut old = vec![0u8; CHUNK as usize];
+    let mut new = vec![0u8; CHUNK as usize];
+    while off < size {
+        let st = img.block_status(off, (size - off).min(CHUNK)).await?;
+        let n = st.len as usize;
+        if st.depth > 0 || !st.present() {
+            // Falls through to the old backing chain: keep its content if the new one
+            // differs there.
+            img.read(off, &mut old[..n]).await?;
+            match &new_backing {
+                Some(nb) if off < nb.size() => {
+                    let m = ((nb.size() - off) as usize).min(n);
+                    nb.read(off, &mut new[..m]).await?;
+                    new[m..n].fill(0);
+                }
+                _ => new[..n].fill(0),
+            }
+            if old[..n] != new[..n] {
+                if is_zero(&old[..n]) {
+                    img.write_zeroes(off, n as u64, false).await?;
+                } else {
+                    img.write(off, &old[..n]).await?;
+                }
+            }
+        }
+        off += n as u64;
+    }
+    img.set_backing(new_name, args.backing_format.as_deref())
+        .await?;
+    img.sync().await?;
+    Ok(0)
+}
