@@ -8,6 +8,7 @@ mod dd;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod resize;
 mod size;
 mod snapshot;
@@ -42,6 +43,8 @@ enum Cmd {
     Commit(chain::CommitArgs),
     /// Change the backing file, keeping the content (like `qemu-img rebase`).
     Rebase(chain::RebaseArgs),
+    /// Compute the size a new or converted image needs (like `qemu-img measure`).
+    Measure(measure::MeasureArgs),
     /// Grow or shrink an image (like `qemu-img resize`).
     Resize(resize::ResizeArgs),
     /// Copy with dd's operands (like `qemu-img dd`).
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
             Cmd::Map(a) => map::run(a).await,
             Cmd::Dd(a) => dd::run(a).await,
             Cmd::Resize(a) => resize::run(a).await,
+            Cmd::Measure(a) => measure::run(a).await,
             Cmd::Commit(a) => chain::commit(a).await,
             Cmd::Rebase(a) => chain::rebase(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,

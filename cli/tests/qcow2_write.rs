@@ -540,3 +540,84 @@ fn rebase_safe_and_unsafe_give_the_same_content_as_qemu_img() {
     let info = qemu_img_in(d, ["info", "-U", "--output=json", "top-b.qcow2"]);
     assert!(info.stdout.contains("gone.qcow2") || info.stderr.contains("gone.qcow2"));
 }
+
+#[test]
+fn measure_prints_the_same_numbers_as_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    let src = d.join("src.raw");
+    varied_source(&src);
+    qemu_img_in(d, ["create", "-f", "qcow2", "img.qcow2", "8M"]).ok();
+    qemu_io_in(
+        d,
+        [
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 100k",
+            "-c",
+            "write -z 1M 64k",
+            "img.qcow2",
+        ],
+    )
+    .ok();
+    qemu_img_in(d, ["bitmap", "--add", "img.qcow2", "bm0"]).ok();
+    qemu_img_in(d, ["create", "-f", "qcow2", "big.qcow2", "4T"]).ok();
+    qemu_io_in(d, ["-f", "qcow2", "-c", "write 1T 64k", "big.qcow2"]).ok();
+    let cases: &[&[&str]] = &[
+        &["-O", "qcow2", "--size", "10G"],
+        &["-O", "qcow2", "-o", "cluster_size=512", "--size", "3G"],
+        &["-O", "qcow2", "-o", "preallocation=full", "--size", "1G"],
+        &["-O", "raw", "--size", "1G"],
+        &["-O", "qcow2", "-f", "raw", "src.raw"],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-f",
+            "raw",
+            "src.raw",
+        ],
+        &["-O", "raw", "-f", "raw", "src.raw"],
+        &["-O", "qcow2", "-f", "qcow2", "img.qcow2"],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=2M,refcount_bits=64",
+            "-f",
+            "qcow2",
+            "img.qcow2",
+        ],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-f",
+            "qcow2",
+            "img.qcow2",
+        ],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "-f",
+            "qcow2",
+            "img.qcow2",
+        ],
+        &["-O", "qcow2", "--output=json", "-f", "qcow2", "img.qcow2"],
+        &["-O", "qcow2", "-f", "qcow2", "big.qcow2"],
+    ];
+    for args in cases {
+        let mut ours = vec!["measure"];
+        ours.extend_from_slice(args);
+        let mut theirs = vec!["measure"];
+        theirs.extend_from_slice(args);
+        let a = vmimg_in(d, &ours).ok().stdout;
+        let b = qemu_img_in(d, &theirs).ok().stdout;
+        assert_eq!(a, b, "measure {args:?}");
+    }
+}
