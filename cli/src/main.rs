@@ -1,5 +1,6 @@
 //! `vmimg`: qemu-img's language over the vmimg library.
 
+mod amend;
 mod chain;
 mod compare;
 mod convert;
@@ -43,6 +44,8 @@ enum Cmd {
     Commit(chain::CommitArgs),
     /// Change the backing file, keeping the content (like `qemu-img rebase`).
     Rebase(chain::RebaseArgs),
+    /// Change options of an existing image (like `qemu-img amend`).
+    Amend(amend::AmendArgs),
     /// Compute the size a new or converted image needs (like `qemu-img measure`).
     Measure(measure::MeasureArgs),
     /// Grow or shrink an image (like `qemu-img resize`).
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
             Cmd::Dd(a) => dd::run(a).await,
             Cmd::Resize(a) => resize::run(a).await,
             Cmd::Measure(a) => measure::run(a).await,
+            Cmd::Amend(a) => amend::run(a).await,
             Cmd::Commit(a) => chain::commit(a).await,
             Cmd::Rebase(a) => chain::rebase(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,

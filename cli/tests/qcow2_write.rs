@@ -621,3 +621,94 @@ fn measure_prints_the_same_numbers_as_qemu_img() {
         assert_eq!(a, b, "measure {args:?}");
     }
 }
+
+#[test]
+fn amend_sequences_match_qemu_img_amend() {
+    let sequences: &[&[&str]] = &[
+        &["compat=0.10"],
+        &["compat=0.10", "compat=1.1"],
+        &["refcount_bits=4"],
+        &["refcount_bits=64"],
+        &["refcount_bits=1"],
+        &["lazy_refcounts=on"],
+        &["size=8M"],
+        &["refcount_bits=2", "refcount_bits=16", "compat=0.10"],
+    ];
+    for backing in [false, true] {
+        for seq in sequences {
+            let dir = tempdir();
+            let d = dir.path();
+            let extra: &[&str] = if backing {
+                qemu_img_in(d, ["create", "-f", "raw", "base.raw", "4M"]).ok();
+                qemu_io_in(d, ["-f", "raw", "-c", "write -P 3 0 4M", "base.raw"]).ok();
+                &["-b", "base.raw", "-F", "raw"]
+            } else {
+                &[]
+            };
+            create_twins(d, "", extra, "4M");
+            for name in ["ours.qcow2", "theirs.qcow2"] {
+                qemu_io_in(
+                    d,
+                    [
+                        "-f",
+                        "qcow2",
+                        "-c",
+                        "write -P 1 0 1M",
+                        "-c",
+                        "write -z 2M 64k",
+                        "-c",
+                        "write -z 1M 64k",
+                        "-c",
+                        "write -z -u 3M 64k",
+                        name,
+                    ],
+                )
+                .ok();
+            }
+            for step in seq.iter() {
+                vmimg_in(d, ["amend", "-f", "qcow2", "-o", step, "ours.qcow2"]).ok();
+                qemu_img_in(d, ["amend", "-f", "qcow2", "-o", step, "theirs.qcow2"]).ok();
+            }
+            qemu_img_in(d, ["check", "ours.qcow2"]).ok();
+            qemu_img_in(d, ["compare", "ours.qcow2", "theirs.qcow2"]).ok();
+            let info = |name: &str| -> serde_json::Value {
+                let out = qemu_img_in(d, ["info", "--output=json", name]).ok().stdout;
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+                v["format-specific"].clone()
+            };
+            assert_eq!(
+                info("ours.qcow2"),
+                info("theirs.qcow2"),
+                "{seq:?} backing {backing}"
+            );
+        }
+    }
+}
+
+#[test]
+fn amend_refuses_what_the_target_version_cannot_hold() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(
+        d,
+        [
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "x.qcow2",
+            "1M",
+        ],
+    )
+    .ok();
+    let r = vmimg_in(d, ["amend", "-o", "compat=0.10", "x.qcow2"]).expect_status(1);
+    assert!(r.stderr.contains("extended L2"), "{}", r.stderr);
+    let r = vmimg_in(d, ["amend", "-o", "cluster_size=4k", "x.qcow2"]).expect_status(1);
+    assert!(
+        r.stderr.contains("only supported for image creation"),
+        "{}",
+        r.stderr
+    );
+    qemu_img_in(d, ["check", "x.qcow2"]).ok();
+}

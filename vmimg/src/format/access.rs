@@ -320,12 +320,6 @@ impl Image {
         self.inner.layers[0].as_ref()
     }
 
-    fn below(&self) -> ChainView<'_> {
-        ChainView {
-            layers: &self.inner.layers[1..],
-        }
-    }
-
     /// The virtual size in bytes.
     pub fn size(&self) -> u64 {
         self.top().size()
@@ -539,6 +533,13 @@ impl Image {
             .set_backing(name, format)
             .await
             .map_err(|e| self.ctx(e, "set_backing", 0))
+    }
+
+    /// The layers below the image itself (for format-specific operations that need them).
+    pub fn below(&self) -> ChainView<'_> {
+        ChainView {
+            layers: &self.inner.layers[1..],
+        }
     }
 
     /// The format's cluster size, if it has clusters.
@@ -844,6 +845,9 @@ mod tests {
         }
         fn sync(&self) -> BoxFuture<'_, Result<()>> {
             Box::pin(async { Ok(()) })
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
         }
     }
 

@@ -340,6 +340,9 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// The driver as `Any`, to reach format-specific operations (e.g. qcow2's `amend`).
+    fn as_any(&self) -> &dyn std::any::Any;
+
     /// The unit of compressed writes and of allocation, for formats that have one.
     fn cluster_size(&self) -> Option<u64> {
         None

@@ -10,6 +10,7 @@
 //! `snapshot` (the snapshot table), `bitmaps` (the bitmap directory, kept for `info`).
 //! Writing is not implemented yet: images open read-only.
 
+mod amend;
 mod bitmaps;
 mod compress;
 mod create;
@@ -20,6 +21,7 @@ pub mod snapshot;
 pub mod types;
 mod write;
 
+pub use amend::Qcow2Amend;
 pub use bitmaps::BitmapEntry;
 pub use create::Qcow2Create;
 pub use header::{CompressionType, Header, HeaderError};
@@ -517,6 +519,10 @@ impl FormatDriver for Qcow2Driver {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(self.geometry.cluster_size())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn set_backing<'a>(

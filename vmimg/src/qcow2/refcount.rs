@@ -448,6 +448,102 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Rewrites the whole refcount structure with width `1 << new_order`: new blocks and a
+    /// new table are laid out at the end of the file (counting themselves), written and made
+    /// durable. The caller points the header at the returned table, after which the old
+    /// blocks and table are unused (their clusters read refcount 0 in the new structure).
+    pub async fn rewrite_with_order(
+        &mut self,
+        file: &dyn Storage,
+        new_order: u32,
+    ) -> Result<ReftableMove> {
+        let cs = self.geometry.cluster_size();
+        let bits = self.geometry.cluster_bits();
+        let end = file
+            .size()?
+            .div_ceil(cs)
+            .max(self.highest_used_cluster() + 1);
+        let mut values = Vec::with_capacity(end as usize);
+        for c in 0..end {
+            values.push(self.get(file, c).await?);
+        }
+        // The old structure's own clusters become free in the new one.
+        let (old_table, old_clusters) = (self.reftable_offset >> bits, self.reftable_clusters);
+        for c in old_table..old_table + old_clusters {
+            values[c as usize] = 0;
+        }
+        for e in &self.reftable {
+            let b = (e & REFTABLE_OFFSET_MASK) >> bits;
+            if b != 0 && (b as usize) < values.len() {
+                values[b as usize] = 0;
+            }
+        }
+        let max = if new_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u64 << new_order)) - 1
+        };
+        if let Some(c) = values.iter().position(|&v| v > max) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "cluster {c} has refcount {}, too large for {}-bit refcounts",
+                    values[c],
+                    1u64 << new_order
+                ),
+            ));
+        }
+        let epb = (cs * 8) >> new_order;
+        // Fixed point: blocks and table at [end, end + b + t) must count everything.
+        let (mut b, mut t) = (1u64, 1u64);
+        loop {
+            let total = end + b + t;
+            let nb = total.div_ceil(epb);
+            let nt = (nb * 8).div_ceil(cs);
+            if nb == b && nt == t {
+                break;
+            }
+            (b, t) = (nb, nt);
+        }
+        values.resize((end + b + t) as usize, 1);
+        let blocks_at = end;
+        let table_at = end + b;
+        for i in 0..b {
+            let mut block = vec![0u8; cs as usize];
+            for j in 0..epb {
+                let c = (i * epb + j) as usize;
+                if c < values.len() {
+                    set_entry(&mut block, new_order, j, values[c]);
+                }
+            }
+            file.write_at((blocks_at + i) << bits, &block).await?;
+        }
+        let mut table = vec![0u8; (t * cs) as usize];
+        for i in 0..b {
+            let at = (i * 8) as usize;
+            table[at..at + 8].copy_from_slice(&((blocks_at + i) << bits).to_be_bytes());
+        }
+        file.write_at(table_at << bits, &table).await?;
+        file.sync().await?;
+        *self = Refcounts {
+            geometry: self.geometry,
+            order: new_order,
+            reftable_offset: table_at << bits,
+            reftable_clusters: t,
+            reftable: (0..t * cs / 8)
+                .map(|i| if i < b { (blocks_at + i) << bits } else { 0 })
+                .collect(),
+            reftable_dirty: false,
+            blocks: HashMap::new(),
+            free_hint: 0,
+            old_table: None,
+        };
+        Ok(ReftableMove {
+            offset: table_at << bits,
+            clusters: t,
+        })
+    }
+
     /// Number of clusters with a non-zero refcount (reads every refcount block).
     pub async fn count_used(&mut self, file: &dyn Storage) -> Result<u64> {
         let epb = self.entries_per_block();

@@ -30,7 +30,7 @@ use tokio::sync::OwnedMutexGuard;
 /// Mutable metadata, behind the driver's async metadata lock.
 #[derive(Debug)]
 pub struct Meta {
-    header: Header,
+    pub(super) header: Header,
     refcounts: Option<Refcounts>,
     l1_dirty: bool,
     prepared: bool,
@@ -50,7 +50,7 @@ impl Meta {
         }
     }
 
-    fn refcounts(&mut self) -> &mut Refcounts {
+    pub(super) fn refcounts(&mut self) -> &mut Refcounts {
         self.refcounts
             .as_mut()
             .expect("refcounts are loaded before the first write")
@@ -101,7 +101,7 @@ impl Qcow2Driver {
 
     /// Loads refcounts and clears autoclear bits this code does not maintain, before the
     /// first change to the image.
-    async fn prepare(&self, meta: &mut Meta) -> Result<()> {
+    pub(super) async fn prepare(&self, meta: &mut Meta) -> Result<()> {
         if meta.prepared {
             return Ok(());
         }
@@ -127,7 +127,7 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    async fn write_header(&self, header: &Header) -> Result<()> {
+    pub(super) async fn write_header(&self, header: &Header) -> Result<()> {
         let bytes = header.to_bytes().map_err(Error::from)?;
         self.file.write_at(0, &bytes).await
     }
@@ -521,7 +521,12 @@ impl Qcow2Driver {
 
     /// Writes `buf` at guest `offset` through the allocation path (for zeroing and
     /// discarding partial clusters).
-    async fn write_buf(&self, offset: u64, buf: &[u8], below: ChainView<'_>) -> Result<()> {
+    pub(super) async fn write_buf(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        below: ChainView<'_>,
+    ) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -539,7 +544,7 @@ impl Qcow2Driver {
     }
 
     /// Sets the entry of the whole cluster at `offset` with the metadata lock held.
-    async fn set_cluster(
+    pub(super) async fn set_cluster(
         &self,
         offset: u64,
         new: impl FnOnce(L2Entry) -> (L2Entry, bool),
@@ -713,7 +718,7 @@ impl Qcow2Driver {
         self.flush_locked(&mut meta, durable).await
     }
 
-    async fn flush_locked(&self, meta: &mut Meta, durable: bool) -> Result<()> {
+    pub(super) async fn flush_locked(&self, meta: &mut Meta, durable: bool) -> Result<()> {
         let file = self.file.as_ref();
         let dirty_tables = self.cache.dirty();
         let mut wrote = false;

@@ -156,6 +156,10 @@ impl FormatDriver for RawDriver {
         self.storage.flush()
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn sync(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.storage.flush().await?;
