@@ -712,3 +712,35 @@ fn amend_refuses_what_the_target_version_cannot_hold() {
     );
     qemu_img_in(d, ["check", "x.qcow2"]).ok();
 }
+
+#[test]
+fn extended_l2_allocates_and_zeroes_only_the_subclusters_written_like_qemu() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-f", "raw", "base.raw", "4M"]).ok();
+    qemu_io_in(d, ["-f", "raw", "-c", "write -P 3 0 4M", "base.raw"]).ok();
+    create_twins(d, "extended_l2=on", &["-b", "base.raw", "-F", "raw"], "4M");
+    let cmds: Vec<String> = [
+        "write -P 5 1000 3000",
+        "write -P 6 70000 100",
+        "write -z 200k 2k",
+        "write -P 7 300k 200k",
+        "write -P 8 1500 10",
+        "write -z 301k 10k",
+        "write -z -u 2M 64k",
+        "discard 3M 64k",
+    ]
+    .iter()
+    .map(|c| c.to_string())
+    .collect();
+    twin(d, "ours.qcow2", "theirs.qcow2", &cmds);
+    let map = |name: &str| -> Vec<serde_json::Value> {
+        let out = qemu_img_in(d, ["map", "--output=json", name]).ok().stdout;
+        let mut v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        for e in &mut v {
+            e.as_object_mut().unwrap().remove("offset");
+        }
+        v
+    };
+    assert_eq!(map("ours.qcow2"), map("theirs.qcow2"));
+}

@@ -12,6 +12,7 @@
 
 mod amend;
 mod bitmaps;
+pub mod check;
 mod compress;
 mod create;
 pub mod header;

@@ -27,6 +27,14 @@ use crate::{Error, ErrorKind, Result};
 use std::sync::Arc;
 use tokio::sync::OwnedMutexGuard;
 
+/// Allocation bits of the subclusters of the cluster at `c_start` that `[from, to)` touches.
+fn touched_mask(g: super::types::Geometry, c_start: u64, from: u64, to: u64) -> u64 {
+    let sc = g.subcluster_size();
+    let first = (from - c_start) / sc;
+    let last = (to - c_start).div_ceil(sc);
+    ((1u64 << last) - 1) & !((1u64 << first) - 1)
+}
+
 /// Mutable metadata, behind the driver's async metadata lock.
 #[derive(Debug)]
 pub struct Meta {
@@ -370,6 +378,40 @@ impl Qcow2Driver {
             });
         }
 
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        if g.extended_l2() && e0.entry & COPIED != 0 && e0.entry & l2::COMPRESSED == 0 {
+            // An allocated cluster with unallocated (or zero) subclusters under the write:
+            // fill just those subclusters in place, copying the uncovered parts of the
+            // partial ones, then mark them allocated.
+            let host = e0.entry & L2_OFFSET_MASK;
+            let w_end = piece_end(offset);
+            let touched = touched_mask(g, c_start, offset, w_end);
+            self.cow_subclusters(e0, c_start, host, offset, w_end, size, below)
+                .await?;
+            let i = idx(offset);
+            let commit: WriteCommit<'a> = Box::new(move || {
+                Box::pin(async move {
+                    let old = table.entry(i);
+                    let bitmap = (old.bitmap | touched) & !(touched << 32);
+                    table.set(
+                        i,
+                        L2Entry {
+                            entry: old.entry,
+                            bitmap,
+                        },
+                    );
+                    drop(meta);
+                    Ok(())
+                })
+            });
+            return Ok(WriteTarget {
+                len: w_end - offset,
+                storage: self.data.as_ref(),
+                offset: host + (offset - c_start),
+                commit: Some(commit),
+            });
+        }
+
         // A run of clusters that need a new host cluster.
         let max_run = if self.has_data_file() {
             u64::MAX
@@ -396,14 +438,34 @@ impl Qcow2Driver {
         };
 
         // Copy-on-write: the parts of the first and last cluster the write does not cover.
-        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
-        if offset > c_start {
-            let mut head = vec![0u8; (offset - c_start) as usize];
-            self.read_own(c_start, &mut head, below).await?;
-            self.data.write_at(new_host, &head).await?;
-        }
+        // A cluster with extended L2 entries and nothing allocated keeps its untouched
+        // subclusters unallocated (or zero), so only the partial subclusters are copied.
+        let first_index = idx(offset);
+        let extended = g.extended_l2();
+        let data_file = self.has_data_file();
+        let fresh = move |e: L2Entry| {
+            extended
+                && e.entry & l2::COMPRESSED == 0
+                && e.entry & L2_OFFSET_MASK == 0
+                && !(data_file && e.entry & COPIED != 0)
+        };
+        let sc = g.subcluster_size();
         let last_start = (run_end - 1) / cs * cs;
-        let tail_end = (last_start + cs).min(size.div_ceil(512) * 512).max(run_end);
+        let head_from = if fresh(e0) { offset / sc * sc } else { c_start };
+        if offset > head_from {
+            let mut head = vec![0u8; (offset - head_from) as usize];
+            self.read_own(head_from, &mut head, below).await?;
+            self.data
+                .write_at(new_host + (head_from - c_start), &head)
+                .await?;
+        }
+        let e_last = table.entry(idx(last_start));
+        let tail_limit = if fresh(e_last) {
+            run_end.div_ceil(sc) * sc
+        } else {
+            last_start + cs
+        };
+        let tail_end = tail_limit.min(size.div_ceil(512) * 512).max(run_end);
         if run_end < tail_end {
             let mut tail = vec![0u8; (tail_end - run_end) as usize];
             self.read_own(run_end, &mut tail, below).await?;
@@ -412,17 +474,24 @@ impl Qcow2Driver {
                 .await?;
         }
 
-        let first_index = idx(offset);
-        let extended = g.extended_l2();
         let commit: WriteCommit<'a> = Box::new(move || {
             Box::pin(async move {
                 let mut meta = meta;
                 for k in 0..n {
                     let i = first_index + k as usize;
                     let old = table.entry(i);
+                    let ck = c_start + k * cs;
+                    let bitmap = if !extended {
+                        0
+                    } else if fresh(old) {
+                        let t = touched_mask(g, ck, offset.max(ck), run_end.min(ck + cs));
+                        t | (old.bitmap & !(t << 32) & (0xffff_ffff << 32))
+                    } else {
+                        0xffff_ffff
+                    };
                     let new = L2Entry {
                         entry: (new_host + k * cs) | COPIED,
-                        bitmap: if extended { 0xffff_ffff } else { 0 },
+                        bitmap,
                     };
                     table.set(i, new);
                     let old_host = old.entry & L2_OFFSET_MASK;
@@ -441,6 +510,39 @@ impl Qcow2Driver {
             offset: new_host + (offset - c_start),
             commit: Some(commit),
         })
+    }
+
+    /// Before filling subclusters of an allocated extended-L2 cluster in place: copies the
+    /// parts of the partially written, not yet allocated subclusters that the write
+    /// `[from, to)` does not cover.
+    #[allow(clippy::too_many_arguments)]
+    async fn cow_subclusters(
+        &self,
+        e: L2Entry,
+        c_start: u64,
+        host: u64,
+        from: u64,
+        to: u64,
+        size: u64,
+        below: ChainView<'_>,
+    ) -> Result<()> {
+        let sc = self.geometry.subcluster_size();
+        let allocated = |pos: u64| e.bitmap & (1 << ((pos - c_start) / sc)) != 0;
+        let head_from = from / sc * sc;
+        if from > head_from && !allocated(from) {
+            let mut head = vec![0u8; (from - head_from) as usize];
+            self.read_own(head_from, &mut head, below).await?;
+            self.data
+                .write_at(host + (head_from - c_start), &head)
+                .await?;
+        }
+        let tail_to = (to.div_ceil(sc) * sc).min(size.div_ceil(512) * 512);
+        if to < tail_to && !allocated(to - 1) {
+            let mut tail = vec![0u8; (tail_to - to) as usize];
+            self.read_own(to, &mut tail, below).await?;
+            self.data.write_at(host + (to - c_start), &tail).await?;
+        }
+        Ok(())
     }
 
     /// Finds `n` (< cluster size) bytes for compressed data: packed after the previous
@@ -567,6 +669,29 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    /// The L2 entry of the cluster holding `offset` (zero when it has no L2 table).
+    async fn current_entry(&self, offset: u64) -> Result<L2Entry> {
+        let g = self.geometry;
+        let cluster = g.guest_cluster(GuestOffset(offset));
+        let l1e = self
+            .l1
+            .read()
+            .unwrap()
+            .get(g.l1_index(cluster) as usize)
+            .copied()
+            .unwrap_or(0);
+        if l1e & L1_OFFSET_MASK == 0 {
+            return Ok(L2Entry {
+                entry: 0,
+                bitmap: 0,
+            });
+        }
+        Ok(self
+            .l2_table(l1e & L1_OFFSET_MASK)
+            .await?
+            .entry(g.l2_index(cluster)))
+    }
+
     /// Zeroes `[offset, offset + len)`: whole clusters by metadata where the format allows,
     /// the rest by writing zeros.
     pub(super) async fn write_zeroes_impl(
@@ -615,6 +740,38 @@ impl Qcow2Driver {
                     unmap,
                 )
                 .await?;
+            } else if v3 && !raw_data && self.geometry.extended_l2() && !whole {
+                // Whole subclusters get their zero bit; partial ones are written.
+                let sc = self.geometry.subcluster_size();
+                let (a, b) = (pos.div_ceil(sc) * sc, piece_end / sc * sc);
+                let e = self.current_entry(c_start).await?;
+                if a < b && e.entry & l2::COMPRESSED == 0 {
+                    let mask = touched_mask(self.geometry, c_start, a, b);
+                    self.set_cluster(
+                        c_start,
+                        |old| {
+                            let bitmap = (old.bitmap & !mask) | (mask << 32);
+                            (
+                                L2Entry {
+                                    entry: old.entry,
+                                    bitmap,
+                                },
+                                false,
+                            )
+                        },
+                        false,
+                    )
+                    .await?;
+                    for (x, y) in [(pos, a), (b, piece_end)] {
+                        if x < y {
+                            self.write_buf(x, &vec![0u8; (y - x) as usize], below)
+                                .await?;
+                        }
+                    }
+                } else {
+                    self.write_buf(pos, &vec![0u8; (piece_end - pos) as usize], below)
+                        .await?;
+                }
             } else if whole && below.is_empty() && !raw_data {
                 // v2 without backing: an unallocated cluster already reads as zeros.
                 let (state, _) = self.map_run(c_start, c_end - c_start).await?;
