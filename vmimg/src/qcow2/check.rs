@@ -1419,3 +1419,135 @@ impl<'a> WindowReader<'a> {
         Ok(self.buf[at..at + len].to_vec())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiscardMode, MemoryStorage, Qcow2Create, Qcow2Open};
+    use std::sync::Arc;
+
+    /// A fresh image written through the library's own write path.
+    async fn written_image(create: Qcow2Create) -> Arc<MemoryStorage> {
+        let storage = Arc::new(MemoryStorage::new());
+        create.create_on(storage.as_ref(), None).await.unwrap();
+        let image = Qcow2Open::storage(storage.clone())
+            .writable(true)
+            .open()
+            .await
+            .unwrap();
+        let cs = image.cluster_size().unwrap();
+        image.write(0, &vec![1u8; 3 * cs as usize]).await.unwrap();
+        image.write(10 * cs + 100, &[2u8; 5000]).await.unwrap();
+        image.write_zeroes(20 * cs, 2 * cs, false).await.unwrap();
+        image
+            .write_compressed(30 * cs, &vec![3u8; cs as usize])
+            .await
+            .unwrap();
+        image.discard(cs, cs, DiscardMode::ReadsZero).await.unwrap();
+        image.flush().await.unwrap();
+        storage
+    }
+
+    fn clean(r: &CheckReport) -> bool {
+        r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 && r.failure.is_none()
+    }
+
+    /// Adds `delta` to the stored refcount of `cluster`.
+    async fn bump(storage: &MemoryStorage, cluster: u64, delta: i64) {
+        let h = read_header(storage).await.unwrap();
+        let mut rc = Refcounts::load(
+            storage,
+            h.geometry(),
+            h.refcount_order,
+            h.refcount_table_offset,
+            h.refcount_table_clusters,
+        )
+        .await
+        .unwrap();
+        let v = rc.get(storage, cluster).await.unwrap();
+        let new = v.checked_add_signed(delta).unwrap();
+        assert!(rc.set(storage, cluster, new).await.unwrap().is_none());
+        rc.flush(storage, true).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn images_written_by_the_library_check_clean() {
+        for create in [
+            Qcow2Create::new(8 << 20),
+            Qcow2Create::new(8 << 20).cluster_size(512).refcount_bits(1),
+            Qcow2Create::new(8 << 20)
+                .cluster_size(4096)
+                .refcount_bits(64),
+            Qcow2Create::new(8 << 20).extended_l2(true),
+            Qcow2Create::new(8 << 20).compat("0.10").unwrap(),
+        ] {
+            let storage = written_image(create.clone()).await;
+            let r = check(storage.as_ref(), Repair::None).await.unwrap();
+            assert!(clean(&r), "{create:?}: {r:#?}");
+            assert!(r.allocated_clusters >= 4, "{r:#?}");
+            assert_eq!(r.compressed_clusters, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leak_is_found_and_freed() {
+        let storage = written_image(Qcow2Create::new(8 << 20)).await;
+        // The header cluster is referenced once; a second count is a leak.
+        bump(&storage, 0, 1).await;
+        let r = check(storage.as_ref(), Repair::None).await.unwrap();
+        assert_eq!((r.leaks, r.corruptions), (1, 0), "{r:#?}");
+        assert_eq!(r.messages, ["Leaked cluster 0 refcount=2 reference=1"]);
+        let r = check(storage.as_ref(), Repair::Leaks).await.unwrap();
+        assert_eq!((r.leaks, r.leaks_fixed), (0, 1), "{r:#?}");
+        assert!(clean(&check(storage.as_ref(), Repair::None).await.unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_missing_refcount_is_rebuilt_only_with_repair_all() {
+        let storage = written_image(Qcow2Create::new(8 << 20)).await;
+        let before = check(storage.as_ref(), Repair::None).await.unwrap();
+        // The first data cluster follows the header, refcount table, refcount block, L1
+        // and L2 tables; dropping its refcount to 0 needs a rebuild.
+        let l2 = read_header(storage.as_ref()).await.unwrap();
+        let mut entry = [0u8; 8];
+        storage
+            .read_at(l2.l1_table_offset, &mut entry)
+            .await
+            .unwrap();
+        let l2_offset = u64::from_be_bytes(entry) & L1_OFFSET_MASK;
+        storage.read_at(l2_offset, &mut entry).await.unwrap();
+        let data = (u64::from_be_bytes(entry) & L2_OFFSET_MASK) >> l2.cluster_bits;
+        bump(&storage, data, -1).await;
+
+        let r = check(storage.as_ref(), Repair::None).await.unwrap();
+        assert_eq!(r.corruptions, 2, "refcount and OFLAG_COPIED: {r:#?}");
+        let r = check(storage.as_ref(), Repair::Leaks).await.unwrap();
+        assert_eq!(r.failure.as_deref(), Some("Input/output error"));
+        assert!(r
+            .messages
+            .contains(&"ERROR need to rebuild refcount structures".to_string()));
+
+        let r = check(storage.as_ref(), Repair::All).await.unwrap();
+        assert!(r.failure.is_none(), "{r:#?}");
+        assert_eq!((r.corruptions, r.corruptions_fixed), (0, 1), "{r:#?}");
+        assert!(r
+            .messages
+            .contains(&"Rebuilding refcount structure".to_string()));
+        let after = check(storage.as_ref(), Repair::None).await.unwrap();
+        assert!(clean(&after), "{after:#?}");
+        assert_eq!(after.allocated_clusters, before.allocated_clusters);
+    }
+
+    #[tokio::test]
+    async fn repairs_need_a_writable_file_and_a_qcow2_header() {
+        let storage = written_image(Qcow2Create::new(8 << 20)).await;
+        let mut bytes = vec![0u8; storage.size().unwrap() as usize];
+        storage.read_at(0, &mut bytes).await.unwrap();
+        let read_only = MemoryStorage::from_bytes(&bytes).into_read_only();
+        assert!(clean(&check(&read_only, Repair::None).await.unwrap()));
+        let e = check(&read_only, Repair::Leaks).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        let raw = MemoryStorage::from_bytes(b"not a qcow2 image at all");
+        assert!(check(&raw, Repair::None).await.is_err());
+    }
+}

@@ -82,6 +82,8 @@ pub struct Qcow2Driver {
     size: AtomicU64,
     cache: L2Cache,
     writable: bool,
+    /// Set when a write found the metadata inconsistent: no more writes.
+    corrupt: std::sync::atomic::AtomicBool,
     meta: Arc<tokio::sync::Mutex<write::Meta>>,
     /// QEMU's "metadata preallocation" guess, made on the first status query: only then are
     /// holes under data clusters reported as zeros.
@@ -227,6 +229,7 @@ impl Qcow2Driver {
             l1: std::sync::RwLock::new(l1),
             size: AtomicU64::new(size),
             writable,
+            corrupt: std::sync::atomic::AtomicBool::new(false),
             meta: Arc::new(tokio::sync::Mutex::new(write::Meta::new(header.clone()))),
             metadata_prealloc: tokio::sync::OnceCell::new(),
             cache: L2Cache::new(tables),

@@ -544,6 +544,16 @@ impl Refcounts {
         })
     }
 
+    /// Clusters holding refcount blocks.
+    pub fn block_clusters(&self) -> std::collections::HashSet<u64> {
+        let bits = self.geometry.cluster_bits();
+        self.reftable
+            .iter()
+            .map(|e| (e & REFTABLE_OFFSET_MASK) >> bits)
+            .filter(|&c| c != 0)
+            .collect()
+    }
+
     /// Number of clusters with a non-zero refcount (reads every refcount block).
     pub async fn count_used(&mut self, file: &dyn Storage) -> Result<u64> {
         let epb = self.entries_per_block();

@@ -110,8 +110,14 @@ impl Qcow2Driver {
     /// Loads refcounts and clears autoclear bits this code does not maintain, before the
     /// first change to the image.
     pub(super) async fn prepare(&self, meta: &mut Meta) -> Result<()> {
+        if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "the image was found corrupt and marked so: no more writes until it is repaired",
+            ));
+        }
         if meta.prepared {
-            return Ok(());
+            return self.mark_dirty_if_lazy(meta).await;
         }
         let h = &meta.header;
         let refcounts = Refcounts::load(
@@ -132,6 +138,64 @@ impl Qcow2Driver {
             self.file.sync().await?;
         }
         meta.prepared = true;
+        self.mark_dirty_if_lazy(meta).await
+    }
+
+    /// With lazy refcounts, the dirty bit is set before the first change after a clean
+    /// point and cleared by the next complete flush: an image left dirty by a crash gets
+    /// its refcounts rebuilt before it is written again.
+    async fn mark_dirty_if_lazy(&self, meta: &mut Meta) -> Result<()> {
+        if meta.header.lazy_refcounts() && !meta.header.is_dirty() {
+            meta.header.incompatible_features |= super::header::incompat::DIRTY;
+            self.write_header(&meta.header).await?;
+            self.file.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses to hand out clusters that hold metadata (a refcount structure that lies):
+    /// marks the image corrupt instead, as QEMU's overlap check does.
+    async fn check_overlap(&self, meta: &mut Meta, first: u64, n: u64) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let h = &meta.header;
+        let range = |off: u64, bytes: u64| (off / cs, (off + bytes).div_ceil(cs));
+        let mut areas = vec![
+            (0, 1),
+            range(h.l1_table_offset, u64::from(h.l1_size) * 8),
+            range(
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cs,
+            ),
+        ];
+        if h.nb_snapshots > 0 {
+            areas.push(range(h.snapshots_offset, 1));
+        }
+        let hit = |c: u64| areas.iter().any(|&(a, b)| c >= a && c < b);
+        let l2_tables: std::collections::HashSet<u64> = self
+            .l1
+            .read()
+            .unwrap()
+            .iter()
+            .map(|e| (e & L1_OFFSET_MASK) / cs)
+            .filter(|&c| c != 0)
+            .collect();
+        let blocks = meta.refcounts().block_clusters();
+        for c in first..first + n {
+            if hit(c) || l2_tables.contains(&c) || blocks.contains(&c) {
+                self.corrupt
+                    .store(true, std::sync::atomic::Ordering::Release);
+                meta.header.incompatible_features |= super::header::incompat::CORRUPT;
+                self.write_header(&meta.header).await?;
+                self.file.sync().await?;
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "refcounts claim metadata cluster {:#x} is free: image marked corrupt",
+                        c * cs
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -156,6 +220,7 @@ impl Qcow2Driver {
     async fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let (first, moved) = meta.refcounts().alloc(self.file.as_ref(), n).await?;
         self.record_move(meta, moved).await?;
+        self.check_overlap(meta, first, n).await?;
         Ok(first << self.geometry.cluster_bits())
     }
 
@@ -918,6 +983,12 @@ impl Qcow2Driver {
             if self.has_data_file() {
                 self.data.sync().await?;
             }
+        }
+        if meta.header.is_dirty() && meta.header.lazy_refcounts() {
+            // Everything is on disk: this is a clean point.
+            meta.header.incompatible_features &= !super::header::incompat::DIRTY;
+            self.write_header(&meta.header).await?;
+            file.sync().await?;
         }
         Ok(())
     }

@@ -1,0 +1,117 @@
+//! Library-level qcow2 write tests: the lazy-refcount dirty bit and the metadata overlap
+//! guard.
+
+use std::sync::Arc;
+use vmimg::qcow2::header::incompat;
+use vmimg::qcow2::Header;
+use vmimg::{ErrorKind, MemoryStorage, OpenOptions, Qcow2Create, Qcow2Open, StorageExt};
+
+async fn header(s: &MemoryStorage) -> Header {
+    let mut b = vec![0u8; 65536];
+    s.read_at(0, &mut b).await.unwrap();
+    Header::parse(&b).unwrap()
+}
+
+#[tokio::test]
+async fn lazy_refcounts_set_the_dirty_bit_until_the_next_flush() {
+    let s = Arc::new(MemoryStorage::new());
+    Qcow2Create::new(8 << 20)
+        .lazy_refcounts(true)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    assert!(!header(&s).await.is_dirty());
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    img.write(100_000, b"lazy").await.unwrap();
+    assert!(header(&s).await.is_dirty(), "dirty after the first write");
+    img.flush().await.unwrap();
+    assert!(!header(&s).await.is_dirty(), "clean after a flush");
+    img.write(5 << 20, b"again").await.unwrap();
+    assert!(
+        header(&s).await.is_dirty(),
+        "dirty again after the next write"
+    );
+    // A dirty image (as a crash leaves it) is not written until its refcounts are rebuilt.
+    let err = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    img.flush().await.unwrap();
+    let mut buf = [0u8; 5];
+    img.read(5 << 20, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"again");
+}
+
+#[tokio::test]
+async fn images_without_lazy_refcounts_never_get_the_dirty_bit() {
+    let s = Arc::new(MemoryStorage::new());
+    Qcow2Create::new(8 << 20)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    img.write(0, b"x").await.unwrap();
+    assert!(!header(&s).await.is_dirty());
+    img.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn lying_refcounts_make_the_image_corrupt_instead_of_overwriting_metadata() {
+    let s = Arc::new(MemoryStorage::new());
+    Qcow2Create::new(8 << 20)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    let h = header(&s).await;
+    assert_eq!(h.refcount_bits(), 16);
+    // Clear the refcount of the L1 table's cluster (entry 3 of the first refcount block).
+    let mut entry = [0u8; 8];
+    s.read_at(h.refcount_table_offset, &mut entry)
+        .await
+        .unwrap();
+    let block = u64::from_be_bytes(entry);
+    let l1_cluster = h.l1_table_offset / 65536;
+    s.write_at(block + l1_cluster * 2, &[0, 0]).await.unwrap();
+
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    let err = img.write(0, &[7u8; 4096]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(header(&s).await.incompatible_features & incompat::CORRUPT != 0);
+    // The L1 table was not overwritten, and further writes are refused.
+    let mut l1 = vec![0u8; 8];
+    s.read_at(h.l1_table_offset, &mut l1).await.unwrap();
+    assert_eq!(l1, vec![0u8; 8]);
+    assert_eq!(
+        img.write(65536, b"more").await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    // Reopening for writing is refused; reading still works.
+    let err = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ReadOnly);
+    let ro = Qcow2Open::storage(s.clone())
+        .options(OpenOptions::new())
+        .open()
+        .await
+        .unwrap();
+    let mut buf = [1u8; 16];
+    ro.read(0, &mut buf).await.unwrap();
+    assert_eq!(buf, [0u8; 16]);
+}
