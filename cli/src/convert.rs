@@ -35,6 +35,12 @@ pub struct ConvertArgs {
     /// Do not create the target: write into an existing image of sufficient size.
     #[arg(short = 'n')]
     no_create: bool,
+    /// Create the output with this backing file and write only what differs from it.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the `-B` backing file.
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
     /// Consecutive zero bytes that are skipped (left as holes); 0 writes every byte.
     #[arg(short = 'S', default_value = "4k")]
     sparse_size: String,
@@ -109,12 +115,30 @@ struct Job {
     len: u64,
     sparse: usize,
     fresh: bool,
+    /// Write only the blocks that differ from what the target reads already (its backing).
+    diff_only: bool,
 }
 
 impl Job {
     async fn run(self) -> Result<u64, Error> {
         let mut buf = vec![0u8; self.len as usize];
         self.src.read(self.src_off, &mut buf).await?;
+        if self.diff_only {
+            let mut old = vec![0u8; self.len as usize];
+            self.dst.read(self.dst_off, &mut old).await?;
+            let block = if self.sparse == 0 { 4096 } else { self.sparse };
+            for (i, (new, cur)) in buf.chunks(block).zip(old.chunks(block)).enumerate() {
+                if new != cur {
+                    let at = self.dst_off + (i * block) as u64;
+                    if is_zero(new) {
+                        self.dst.write_zeroes(at, new.len() as u64, false).await?;
+                    } else {
+                        self.dst.write(at, new).await?;
+                    }
+                }
+            }
+            return Ok(self.len);
+        }
         if self.sparse == 0 && !self.fresh {
             self.dst.write(self.dst_off, &buf).await?;
             return Ok(self.len);
@@ -167,7 +191,19 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         sources.push(img);
     }
 
-    let opts = parse_options(&args.options)?;
+    let mut opts = parse_options(&args.options)?;
+    if let Some(b) = &args.backing {
+        if out_format != Format::Qcow2 {
+            return Err(usage_error(
+                "-B needs an output format with backing files (qcow2)",
+            ));
+        }
+        opts.push(("backing_file".into(), b.clone()));
+        if let Some(f) = &args.backing_format {
+            opts.push(("backing_fmt".into(), f.clone()));
+        }
+    }
+    let diff_only = args.backing.is_some();
     if !args.no_create {
         match out_format {
             Format::Qcow2 => {
@@ -240,7 +276,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         let mut off = 0u64;
         while off < size {
             let st = src.block_status(off, (size - off).min(STATUS_SPAN)).await?;
-            if st.zero() {
+            if st.zero() && !diff_only {
                 if !fresh {
                     dst.write_zeroes(base + off, st.len, true).await?;
                 }
@@ -262,6 +298,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
                                 len,
                                 sparse,
                                 fresh,
+                                diff_only,
                             }
                             .run(),
                         );

@@ -2,6 +2,7 @@
 
 mod amend;
 mod chain;
+mod check;
 mod compare;
 mod convert;
 mod create;
@@ -54,6 +55,8 @@ enum Cmd {
     Dd(dd::DdArgs),
     /// List internal snapshots (like `qemu-img snapshot -l`).
     Snapshot(snapshot::SnapshotArgs),
+    /// Check (and repair) the consistency of an image (like `qemu-img check`).
+    Check(check::CheckArgs),
 }
 
 /// The result every command returns: an exit status, or an error.
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
             Cmd::Commit(a) => chain::commit(a).await,
             Cmd::Rebase(a) => chain::rebase(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,
+            Cmd::Check(a) => check::run(a).await,
         }
     });
     match result {

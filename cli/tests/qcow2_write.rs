@@ -744,3 +744,64 @@ fn extended_l2_allocates_and_zeroes_only_the_subclusters_written_like_qemu() {
     };
     assert_eq!(map("ours.qcow2"), map("theirs.qcow2"));
 }
+
+#[test]
+fn convert_with_b_writes_only_the_differences_from_the_backing_file() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-f", "qcow2", "base.qcow2", "8M"]).ok();
+    qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 1 0 8M", "base.qcow2"]).ok();
+    qemu_img_in(d, ["create", "-f", "raw", "src.raw", "8M"]).ok();
+    qemu_io_in(
+        d,
+        [
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 8M",
+            "-c",
+            "write -P 2 1M 10k",
+            "-c",
+            "write -z 3M 64k",
+            "src.raw",
+        ],
+    )
+    .ok();
+    vmimg_in(
+        d,
+        [
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "src.raw",
+            "out.qcow2",
+        ],
+    )
+    .ok();
+    qemu_img_in(d, ["check", "out.qcow2"]).ok();
+    qemu_img_in(
+        d,
+        [
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            "src.raw",
+            "out.qcow2",
+        ],
+    )
+    .ok();
+    let check = qemu_img_in(d, ["check", "--output=json", "out.qcow2"])
+        .ok()
+        .stdout;
+    let v: serde_json::Value = serde_json::from_str(&check).unwrap();
+    // Only the two changed areas (one or two clusters each) are allocated in the output.
+    assert!(v["allocated-clusters"].as_u64().unwrap() <= 4, "{check}");
+}
