@@ -1,6 +1,7 @@
 //! `vmimg`: qemu-img's language over the vmimg library.
 
 mod amend;
+mod bench;
 mod chain;
 mod check;
 mod compare;
@@ -45,6 +46,8 @@ enum Cmd {
     Commit(chain::CommitArgs),
     /// Change the backing file, keeping the content (like `qemu-img rebase`).
     Rebase(chain::RebaseArgs),
+    /// Run a simple I/O benchmark (like `qemu-img bench`).
+    Bench(bench::BenchArgs),
     /// Change options of an existing image (like `qemu-img amend`).
     Amend(amend::AmendArgs),
     /// Compute the size a new or converted image needs (like `qemu-img measure`).
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
             Cmd::Resize(a) => resize::run(a).await,
             Cmd::Measure(a) => measure::run(a).await,
             Cmd::Amend(a) => amend::run(a).await,
+            Cmd::Bench(a) => bench::run(a).await,
             Cmd::Commit(a) => chain::commit(a).await,
             Cmd::Rebase(a) => chain::rebase(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,

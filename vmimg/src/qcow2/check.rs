@@ -376,7 +376,7 @@ impl<'a> Checker<'a> {
         bytes.div_ceil(self.cs)
     }
 
-    /// QEMU's `qcow2_check_co_locked()`: the snapshot table, then the refcounts, then
+    /// QEMU's `qcow2_co_check_locked()`: the snapshot table, then the refcounts, then
     /// marking a repaired image clean.
     async fn run(&mut self, fix: Repair) {
         let mut snap = Counts::default();
@@ -599,8 +599,7 @@ impl<'a> Checker<'a> {
     ) -> Step {
         self.inc(imrt, 0, self.cs)?;
         let (l1_offset, l1_size) = (self.header.l1_table_offset, self.header.l1_size);
-        self.check_l1(imrt, l1_offset, l1_size, true, fix, true)
-            .await?;
+        self.check_l1(imrt, l1_offset, l1_size, true, fix).await?;
 
         if self.has_data_file() && !self.snapshots.is_empty() {
             self.msg(format!(
@@ -636,7 +635,7 @@ impl<'a> Checker<'a> {
                 self.res.corruptions += 1;
                 continue;
             }
-            self.check_l1(imrt, off, size, false, fix, false).await?;
+            self.check_l1(imrt, off, size, false, fix).await?;
         }
         self.inc(imrt, self.header.snapshots_offset, self.snapshots_size)?;
 
@@ -715,7 +714,8 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// QEMU's `check_refcounts_l1()`: the L1 table, its L2 tables and their clusters.
+    /// QEMU's `check_refcounts_l1()`: the L1 table, its L2 tables and their clusters
+    /// (`frag`: count the fragmentation statistics, for the active table only).
     async fn check_l1(
         &mut self,
         imrt: &mut Imrt,
@@ -723,7 +723,6 @@ impl<'a> Checker<'a> {
         l1_size: u32,
         frag: bool,
         fix: Repair,
-        active: bool,
     ) -> Step {
         if l1_size == 0 {
             return Ok(());
@@ -755,21 +754,13 @@ impl<'a> Checker<'a> {
                 ));
                 self.res.corruptions += 1;
             }
-            self.check_l2(imrt, l2_offset, frag, fix, active).await?;
+            self.check_l2(imrt, l2_offset, frag, fix).await?;
         }
         Ok(())
     }
 
     /// QEMU's `check_refcounts_l2()`.
-    async fn check_l2(
-        &mut self,
-        imrt: &mut Imrt,
-        l2_offset: u64,
-        frag: bool,
-        fix: Repair,
-        active: bool,
-    ) -> Step {
-        let _ = active; // QEMU only uses it to pick the metadata overlap check.
+    async fn check_l2(&mut self, imrt: &mut Imrt, l2_offset: u64, frag: bool, fix: Repair) -> Step {
         let mut table = vec![0u8; self.cs as usize];
         if let Err(e) = self.file.read_at(l2_offset, &mut table).await {
             self.msg("ERROR: I/O error in check_refcounts_l2".to_string());
@@ -956,7 +947,10 @@ impl<'a> Checker<'a> {
         for b in entries {
             let bytes = u64::from(b.table_size) * 8;
             self.inc(imrt, b.table_offset, bytes)?;
-            let mut raw = vec![0u8; bytes as usize];
+            // Past the end of the file the table reads as zeros (unallocated entries): no
+            // need to hold more of it than the file has.
+            let avail = bytes.min(self.file_len.saturating_sub(b.table_offset));
+            let mut raw = vec![0u8; avail as usize];
             if self.file.read_at(b.table_offset, &mut raw).await.is_err() {
                 self.res.corruptions += 1;
                 break;

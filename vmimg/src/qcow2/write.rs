@@ -27,6 +27,14 @@ use crate::{Error, ErrorKind, Result};
 use std::sync::Arc;
 use tokio::sync::OwnedMutexGuard;
 
+/// Whether every byte is zero.
+fn is_zero(buf: &[u8]) -> bool {
+    match buf.split_first() {
+        None => true,
+        Some((&first, rest)) => first == 0 && rest == &buf[..buf.len() - 1],
+    }
+}
+
 /// Allocation bits of the subclusters of the cluster at `c_start` that `[from, to)` touches.
 fn touched_mask(g: super::types::Geometry, c_start: u64, from: u64, to: u64) -> u64 {
     let sc = g.subcluster_size();
@@ -517,12 +525,16 @@ impl Qcow2Driver {
         let sc = g.subcluster_size();
         let last_start = (run_end - 1) / cs * cs;
         let head_from = if fresh(e0) { offset / sc * sc } else { c_start };
+        // Space past the end of the file reads as zeros already: copied zeros need no write.
+        let fresh_space = !self.has_data_file() && new_host >= self.file.size()?;
         if offset > head_from {
             let mut head = vec![0u8; (offset - head_from) as usize];
             self.read_own(head_from, &mut head, below).await?;
-            self.data
-                .write_at(new_host + (head_from - c_start), &head)
-                .await?;
+            if !(fresh_space && is_zero(&head)) {
+                self.data
+                    .write_at(new_host + (head_from - c_start), &head)
+                    .await?;
+            }
         }
         let e_last = table.entry(idx(last_start));
         let tail_limit = if fresh(e_last) {
@@ -534,9 +546,11 @@ impl Qcow2Driver {
         if run_end < tail_end {
             let mut tail = vec![0u8; (tail_end - run_end) as usize];
             self.read_own(run_end, &mut tail, below).await?;
-            self.data
-                .write_at(new_host + (run_end - c_start), &tail)
-                .await?;
+            if !(fresh_space && is_zero(&tail)) {
+                self.data
+                    .write_at(new_host + (run_end - c_start), &tail)
+                    .await?;
+            }
         }
 
         let commit: WriteCommit<'a> = Box::new(move || {
