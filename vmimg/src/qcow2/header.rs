@@ -624,13 +624,16 @@ impl Header {
         if self.backing_file_size > MAX_BACKING_NAME {
             return Err(HeaderError::BackingNameTooLong(self.backing_file_size));
         }
-        let end = self.backing_file_offset + u64::from(self.backing_file_size);
-        if end > cluster_size || end > b.len() as u64 {
+        let end = self
+            .backing_file_offset
+            .checked_add(u64::from(self.backing_file_size))
+            .filter(|&end| end <= cluster_size && end <= b.len() as u64);
+        let Some(end) = end else {
             return Err(HeaderError::BackingNameOutside {
                 offset: self.backing_file_offset,
                 len: self.backing_file_size,
             });
-        }
+        };
         let name = &b[self.backing_file_offset as usize..end as usize];
         self.backing_file = Some(utf8(name, "backing file name")?);
         Ok(())
@@ -1038,6 +1041,15 @@ pub(crate) mod tests {
         set64(&mut b, 8, 0x200);
         b[0x200] = 0xff;
         assert_eq!(err(&b), HeaderError::NotUtf8("backing file name"));
+    }
+
+    /// Regression: an offset near `u64::MAX` made `offset + size` wrap and the slice panic.
+    #[test]
+    fn backing_name_offset_near_u64_max_is_refused_not_a_panic() {
+        let mut b = valid_v3();
+        set64(&mut b, 8, u64::MAX - 10);
+        set32(&mut b, 16, 20);
+        assert!(matches!(err(&b), HeaderError::BackingNameOutside { .. }));
     }
 
     #[test]

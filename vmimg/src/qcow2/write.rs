@@ -624,25 +624,38 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Finds `n` (< cluster size) bytes for compressed data: packed after the previous
-    /// compressed cluster when it fits in that host cluster (one more reference to it),
-    /// else at the start of a new cluster.
+    /// Finds `n` (< cluster size) bytes for compressed data, packed right after the
+    /// previous compressed cluster: in the same host cluster when it fits (one more
+    /// reference to it), else spilling into the next host cluster when that one is free to
+    /// take (one more reference to each), else at the start of a new cluster.
     async fn alloc_bytes(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.geometry.cluster_size();
-        if let Some(fb) = meta.free_byte {
-            if fb % cs != 0 && fb % cs + n <= cs {
-                let c = fb / cs;
-                let rc = meta.refcounts();
-                let v = rc.get(self.file.as_ref(), c).await?;
-                let moved = rc.set(self.file.as_ref(), c, v + 1).await?;
-                self.record_move(meta, moved).await?;
+        if let Some(fb) = meta.free_byte.filter(|fb| fb % cs != 0) {
+            let c = fb / cs;
+            if fb % cs + n <= cs {
+                self.add_ref(meta, c).await?;
                 meta.free_byte = Some(fb + n);
                 return Ok(fb);
             }
+            let next = self.alloc_clusters(meta, 1).await?;
+            if next == (c + 1) * cs {
+                self.add_ref(meta, c).await?;
+                meta.free_byte = Some(fb + n);
+                return Ok(fb);
+            }
+            meta.free_byte = Some(next + n);
+            return Ok(next);
         }
         let start = self.alloc_clusters(meta, 1).await?;
         meta.free_byte = Some(start + n);
         Ok(start)
+    }
+
+    async fn add_ref(&self, meta: &mut Meta, cluster: u64) -> Result<()> {
+        let rc = meta.refcounts();
+        let v = rc.get(self.file.as_ref(), cluster).await?;
+        let moved = rc.set(self.file.as_ref(), cluster, v + 1).await?;
+        self.record_move(meta, moved).await
     }
 
     /// Stores a whole cluster compressed; see
