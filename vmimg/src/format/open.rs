@@ -305,9 +305,25 @@ pub(crate) async fn open_chain(
                         "snapshots can only be opened read-only",
                     ));
                 }
-                let header = qcow2::read_header(storage.as_ref())
+                let mut header = qcow2::read_header(storage.as_ref())
                     .await
                     .map_err(layer_err)?;
+                if writable && header.is_dirty() && !header.is_corrupt() {
+                    // Left dirty by a crash with lazy refcounts: rebuild the refcounts
+                    // before writing, as QEMU does.
+                    let report = qcow2::check::check(storage.as_ref(), qcow2::check::Repair::All)
+                        .await
+                        .map_err(layer_err)?;
+                    if report.failure.is_some() || report.corruptions > report.corruptions_fixed {
+                        return Err(Error::new(
+                            ErrorKind::Corrupt,
+                            "the image is dirty and its refcounts could not be rebuilt",
+                        ));
+                    }
+                    header = qcow2::read_header(storage.as_ref())
+                        .await
+                        .map_err(layer_err)?;
+                }
                 let data_file = match (&opts.data_file, &header.data_file) {
                     (Some(d), _) if top => Some(Arc::clone(d)),
                     _ if !header.has_data_file() => None,

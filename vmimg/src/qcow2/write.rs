@@ -94,9 +94,9 @@ pub fn check_writable(
     }
     if header.is_dirty() {
         return Err(Error::new(
-            ErrorKind::Unsupported,
-            "the image is marked dirty (lazy refcounts): its refcounts must be rebuilt \
-             before writing, which is not implemented yet",
+            ErrorKind::Corrupt,
+            "the image is marked dirty: its refcounts must be rebuilt (vmimg check -r all) \
+             before writing",
         ));
     }
     if !file.is_writable() || !data.is_writable() {
