@@ -248,7 +248,8 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
             args.progress && !args.quiet,
         )
         .await?;
-        dst.sync().await?;
+        // Like qemu-img convert: hand everything to the OS, without waiting for the disk.
+    dst.flush().await?;
         return Ok(0);
     }
     let fresh = !args.no_create;
@@ -313,7 +314,8 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     while !set.is_empty() {
         progress(join_one(&mut set).await?);
     }
-    dst.sync().await?;
+    // Like qemu-img convert: hand everything to the OS, without waiting for the disk.
+    dst.flush().await?;
     if let Some(b) = bar {
         b.finish();
     }

@@ -255,9 +255,12 @@ impl Qcow2Driver {
                     h.refcount_table_clusters,
                 )
                 .await?;
-                let used = rc.count_used(self.file.as_ref()).await?;
-                let real = self.file.allocated_size().unwrap_or(0) / self.geometry.cluster_size();
-                Ok::<bool, Error>(used >= (real * 10 / 9).max(real + 2))
+                let cs = self.geometry.cluster_size();
+                let real = self.file.allocated_size().unwrap_or(0) / cs;
+                let threshold = (real * 10 / 9).max(real + 2);
+                let end = self.file.size()?.div_ceil(cs);
+                let used = rc.count_used(self.file.as_ref(), end, threshold).await?;
+                Ok::<bool, Error>(used >= threshold)
             })
             .await
             .copied()

@@ -554,19 +554,36 @@ impl Refcounts {
             .collect()
     }
 
-    /// Number of clusters with a non-zero refcount (reads every refcount block).
-    pub async fn count_used(&mut self, file: &dyn Storage) -> Result<u64> {
+    /// Number of clusters below `end_cluster` with a non-zero refcount, counting at most up
+    /// to `limit` (the caller's threshold). Blocks past the end of the file read as zeros
+    /// and are skipped; one block buffer is used, not the cache, so a crafted table cannot
+    /// make this allocate or scan more than the file holds.
+    pub async fn count_used(
+        &mut self,
+        file: &dyn Storage,
+        end_cluster: u64,
+        limit: u64,
+    ) -> Result<u64> {
         let epb = self.entries_per_block();
+        let file_size = file.size()?;
         let mut used = 0;
-        for index in 0..self.reftable.len() as u64 {
+        let mut buf = vec![0u8; self.geometry.cluster_size() as usize];
+        for index in 0..end_cluster.div_ceil(epb).min(self.reftable.len() as u64) {
             let Some(block) = self.block_offset(index)? else {
                 continue;
             };
-            let order = self.order;
-            let b = self.block_mut(file, block).await?;
-            used += (0..epb)
-                .filter(|&i| get_entry(&b.bytes, order, i) != 0)
+            if block >= file_size {
+                continue;
+            }
+            file.read_at(block, &mut buf).await?;
+            let n = epb.min(end_cluster - index * epb);
+            used += (0..n)
+                .filter(|&i| get_entry(&buf, self.order, i) != 0)
                 .count() as u64;
+            if used >= limit {
+                return Ok(used);
+            }
+            tokio::task::yield_now().await;
         }
         Ok(used)
     }

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Generates the seed corpora of the fuzz targets with qemu-img and qemu-io:
+#   corpus/qcow2_open_read/  small whole images of many kinds
+#   corpus/qcow2_header/     the first 4 KiB of each
+# Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
+set -euo pipefail
+
+cd "$(dirname "$0")"
+for tool in qemu-img qemu-io; do
+    command -v "$tool" >/dev/null || { echo "make-corpus.sh: $tool not found (apt-get install qemu-utils)" >&2; exit 1; }
+done
+
+out=corpus/qcow2_open_read
+hdr=corpus/qcow2_header
+mkdir -p "$out" "$hdr"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+img() { qemu-img create -q -f qcow2 "$@"; }
+io() { local f=$1; shift; local args=(); for c in "$@"; do args+=(-c "$c"); done; qemu-io -f qcow2 "${args[@]}" "$f" >/dev/null; }
+
+# Raw source with a few patterned, zero and random ranges, for convert -c.
+qemu-img create -q -f raw "$work/src.raw" 256K
+qemu-io -f raw -c 'write -P 0x11 0 12k' -c 'write -P 0x22 64k 4k' -c 'write -P 0x5a 200k 20k' "$work/src.raw" >/dev/null
+head -c 8192 /dev/urandom | dd of="$work/src.raw" bs=1 seek=$((128 * 1024)) conv=notrunc status=none
+
+# v3, 512-byte clusters: data, zero clusters, a discarded range.
+img -o cluster_size=512 "$work/c512.qcow2" 1M
+io "$work/c512.qcow2" 'write -P 0xab 0 1536' 'write -z 4k 1k' 'write -P 0xcd 900k 3k' 'discard 900k 512'
+
+# Compressed (deflate), 4 KiB clusters.
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4k "$work/src.raw" "$work/deflate.qcow2"
+
+# Compressed (zstd), 4 KiB clusters.
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=4k,compression_type=zstd "$work/src.raw" "$work/zstd.qcow2"
+
+# Extended L2 entries, 16 KiB clusters (512-byte subclusters): partial writes, zeroes.
+img -o cluster_size=16k,extended_l2=on "$work/extl2.qcow2" 1M
+io "$work/extl2.qcow2" 'write -P 0x33 0 512' 'write -P 0x44 3k 1k' 'write -z 16k 2k' 'write -P 0x55 48k 16k'
+
+# Extended L2 with zstd-compressed clusters.
+qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=16k,extended_l2=on,compression_type=zstd "$work/src.raw" "$work/extl2-zstd.qcow2"
+
+# Version 2 (compat 0.10).
+img -o compat=0.10,cluster_size=4k "$work/v2.qcow2" 1M
+io "$work/v2.qcow2" 'write -P 0x66 8k 8k'
+
+# Internal snapshots (v3 and v2).
+img -o cluster_size=4k "$work/snap.qcow2" 512K
+io "$work/snap.qcow2" 'write -P 0x77 0 8k'
+qemu-img snapshot -c first "$work/snap.qcow2"
+io "$work/snap.qcow2" 'write -P 0x78 4k 8k'
+qemu-img snapshot -c second "$work/snap.qcow2"
+img -o compat=0.10,cluster_size=4k "$work/snap-v2.qcow2" 512K
+io "$work/snap-v2.qcow2" 'write -P 0x79 0 4k'
+qemu-img snapshot -c s "$work/snap-v2.qcow2"
+
+# Refcount widths, lazy refcounts, preallocated metadata.
+img -o cluster_size=4k,refcount_bits=1 "$work/rc1.qcow2" 256K
+io "$work/rc1.qcow2" 'write -P 0x81 0 4k'
+img -o cluster_size=4k,refcount_bits=64,lazy_refcounts=on "$work/rc64.qcow2" 256K
+io "$work/rc64.qcow2" 'write -P 0x82 0 4k'
+img -o cluster_size=4k,preallocation=metadata "$work/prealloc.qcow2" 64K
+
+# A backing file (relative name and format) and an external data file.
+img -o cluster_size=4k "$work/base.qcow2" 256K
+io "$work/base.qcow2" 'write -P 0x91 0 8k'
+img -o cluster_size=4k -b base.qcow2 -F qcow2 "$work/overlay.qcow2"
+io "$work/overlay.qcow2" 'write -P 0x92 4k 4k'
+img -o cluster_size=4k,data_file="$work/data.raw" "$work/datafile.qcow2" 256K
+io "$work/datafile.qcow2" 'write -P 0x93 0 8k'
+
+# A persistent bitmap.
+img -o cluster_size=4k "$work/bitmap.qcow2" 256K
+qemu-img bitmap --add "$work/bitmap.qcow2" bm0
+
+n=0
+for f in "$work"/*.qcow2; do
+    name=$(basename "$f" .qcow2)
+    cp "$f" "$out/$name"
+    head -c 4096 "$f" > "$hdr/$name"
+    n=$((n + 1))
+done
+echo "make-corpus.sh: $n images in $out (largest $(ls -S "$out" | head -1): $(stat -c %s "$out/$(ls -S "$out" | head -1)") bytes)"
