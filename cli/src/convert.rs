@@ -249,7 +249,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         )
         .await?;
         // Like qemu-img convert: hand everything to the OS, without waiting for the disk.
-    dst.flush().await?;
+        dst.flush().await?;
         return Ok(0);
     }
     let fresh = !args.no_create;
