@@ -32,6 +32,11 @@ pub struct CreateArgs {
     size: Option<String>,
 }
 
+/// Parses a `preallocation=` value.
+pub fn parse_prealloc(v: &str) -> Result<PreallocMode, Error> {
+    PreallocMode::parse(v).ok_or_else(|| usage_error(format!("Invalid preallocation mode: '{v}'")))
+}
+
 /// Parses `-o key=value,key=value` lists (several `-o` are joined).
 pub fn parse_options(opts: &[String]) -> Result<Vec<(String, String)>, Error> {
     let mut out = Vec::new();
@@ -57,12 +62,7 @@ pub fn raw_create_from_options(
     for (k, v) in opts {
         match k.as_str() {
             "size" => size = Some(parse_size(v).map_err(usage_error)?),
-            "preallocation" => {
-                prealloc = Some(
-                    PreallocMode::parse(v)
-                        .ok_or_else(|| usage_error(format!("Invalid preallocation mode: '{v}'")))?,
-                )
-            }
+            "preallocation" => prealloc = Some(parse_prealloc(v)?),
             other => {
                 return Err(Error::new(
                     ErrorKind::Unsupported,
@@ -180,12 +180,7 @@ pub async fn qcow2_plan(
                     _ => return Err(usage_error(format!("Invalid compression type '{v}'"))),
                 }
             }
-            "preallocation" => {
-                prealloc = Some(
-                    PreallocMode::parse(v)
-                        .ok_or_else(|| usage_error(format!("Invalid preallocation mode: '{v}'")))?,
-                )
-            }
+            "preallocation" => prealloc = Some(parse_prealloc(v)?),
             other => {
                 return Err(Error::new(
                     ErrorKind::Unsupported,

@@ -1,6 +1,6 @@
 //! `vmimg measure`: the file size a conversion would need, with qemu-img measure's numbers.
 
-use crate::create::parse_options;
+use crate::create::{parse_options, parse_prealloc};
 use crate::info::{print_json, OutputFormat};
 use crate::size::parse_size;
 use crate::{open_image_with, usage_error, CmdResult};
@@ -86,10 +86,7 @@ pub async fn run(args: MeasureArgs) -> CmdResult {
     let extended_l2 = get("extended_l2") == Some("on");
     let v2 = get("compat") == Some("0.10");
     let prealloc = get("preallocation")
-        .map(|p| {
-            PreallocMode::parse(p)
-                .ok_or_else(|| usage_error(format!("Invalid preallocation mode: '{p}'")))
-        })
+        .map(parse_prealloc)
         .transpose()?
         .unwrap_or_default();
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {

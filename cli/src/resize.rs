@@ -1,5 +1,6 @@
 //! `vmimg resize`: grow or (with `--shrink`) shrink an image, like qemu-img resize.
 
+use crate::create::parse_prealloc;
 use crate::size::parse_size;
 use crate::{open_image, usage_error, CmdResult};
 use clap::Args;
@@ -28,8 +29,7 @@ pub struct ResizeArgs {
 
 pub async fn run(args: ResizeArgs) -> CmdResult {
     let prealloc = match &args.preallocation {
-        Some(p) => PreallocMode::parse(p)
-            .ok_or_else(|| usage_error(format!("Invalid preallocation mode: '{p}'")))?,
+        Some(p) => parse_prealloc(p)?,
         None => PreallocMode::Off,
     };
     let image = open_image(&args.filename, args.format.as_deref(), true, false).await?;

@@ -209,36 +209,18 @@ impl Qcow2Driver {
                         false,
                     )
                     .await?;
-                } else if below.is_empty() {
-                    self.set_cluster(
-                        guest,
-                        |_| {
-                            (
-                                L2Entry {
-                                    entry: 0,
-                                    bitmap: 0,
-                                },
-                                true,
-                            )
-                        },
-                        false,
-                    )
-                    .await?;
                 } else {
-                    self.set_cluster(
-                        guest,
-                        |_| {
-                            (
-                                L2Entry {
-                                    entry: 0,
-                                    bitmap: 0,
-                                },
-                                true,
-                            )
-                        },
-                        false,
-                    )
-                    .await?;
+                    // v2 has no zero flag: unallocated reads zeros without a backing file;
+                    // over one, zeros must be written.
+                    let unallocated = L2Entry {
+                        entry: 0,
+                        bitmap: 0,
+                    };
+                    self.set_cluster(guest, |_| (unallocated, true), false)
+                        .await?;
+                    if below.is_empty() {
+                        continue;
+                    }
                     let size = self.size.load(std::sync::atomic::Ordering::Acquire);
                     let n = cs.min(size - guest) as usize;
                     self.write_buf(guest, &vec![0u8; n], below).await?;

@@ -246,15 +246,8 @@ impl Qcow2Driver {
     async fn metadata_preallocated(&self) -> Result<bool> {
         self.metadata_prealloc
             .get_or_try_init(|| async {
-                let h = &self.header;
-                let mut rc = refcount::Refcounts::load(
-                    self.file.as_ref(),
-                    self.geometry,
-                    h.refcount_order,
-                    h.refcount_table_offset,
-                    h.refcount_table_clusters,
-                )
-                .await?;
+                let mut rc =
+                    refcount::Refcounts::for_header(self.file.as_ref(), &self.header).await?;
                 let cs = self.geometry.cluster_size();
                 let real = self.file.allocated_size().unwrap_or(0) / cs;
                 let threshold = (real * 10 / 9).max(real + 2);

@@ -123,6 +123,18 @@ impl Refcounts {
         })
     }
 
+    /// Loads the refcount table a header describes.
+    pub async fn for_header(file: &dyn Storage, header: &super::header::Header) -> Result<Self> {
+        Self::load(
+            file,
+            header.geometry(),
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+        )
+        .await
+    }
+
     /// Refcount width in bits.
     pub fn bits(&self) -> u32 {
         1 << self.order

@@ -127,15 +127,7 @@ impl Qcow2Driver {
         if meta.prepared {
             return self.mark_dirty_if_lazy(meta).await;
         }
-        let h = &meta.header;
-        let refcounts = Refcounts::load(
-            self.file.as_ref(),
-            self.geometry,
-            h.refcount_order,
-            h.refcount_table_offset,
-            h.refcount_table_clusters,
-        )
-        .await?;
+        let refcounts = Refcounts::for_header(self.file.as_ref(), &meta.header).await?;
         meta.refcounts = Some(refcounts);
         // Bitmaps are not updated by our writes: clearing their autoclear bit tells QEMU
         // they are stale. Unknown autoclear bits must be cleared likewise.

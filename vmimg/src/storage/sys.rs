@@ -76,6 +76,20 @@ pub(super) fn dio_alignment(file: &File) -> Option<(usize, usize)> {
     ))
 }
 
+/// The offset and vector count of a vectored call, converted for the C API.
+fn iov_args(offset: u64, count: usize) -> io::Result<(libc::off_t, libc::c_int)> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let count =
+        libc::c_int::try_from(count).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok((off, count))
+}
+
+/// A byte count, or the OS error when `r` is negative.
+fn byte_count(r: isize) -> io::Result<usize> {
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
 /// `preadv2(fd, bufs, offset, RWF_NOWAIT)`: reads only what the page cache holds, never
 /// waiting for the device (`EAGAIN` otherwise). Returns the bytes read.
 pub(super) fn preadv2_nowait(
@@ -83,10 +97,7 @@ pub(super) fn preadv2_nowait(
     bufs: &mut [std::io::IoSliceMut<'_>],
     offset: u64,
 ) -> io::Result<usize> {
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    let count = libc::c_int::try_from(bufs.len())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let (off, count) = iov_args(offset, bufs.len())?;
     // SAFETY: `IoSliceMut` is guaranteed ABI-compatible with `struct iovec` on Unix; every
     // slice is a live, exclusive borrow for the duration of this synchronous call, and the
     // descriptor comes from a live `&File`.
@@ -99,11 +110,7 @@ pub(super) fn preadv2_nowait(
             libc::RWF_NOWAIT,
         )
     };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    byte_count(r)
 }
 
 /// `pwritev2(fd, bufs, offset, RWF_NOWAIT)`: writes into the page cache only if that needs no
@@ -113,10 +120,7 @@ pub(super) fn pwritev2_nowait(
     bufs: &[std::io::IoSlice<'_>],
     offset: u64,
 ) -> io::Result<usize> {
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    let count = libc::c_int::try_from(bufs.len())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let (off, count) = iov_args(offset, bufs.len())?;
     // SAFETY: `IoSlice` is guaranteed ABI-compatible with `struct iovec` on Unix; every slice
     // is a live borrow for the duration of this synchronous call, and the descriptor comes
     // from a live `&File`.
@@ -129,9 +133,5 @@ pub(super) fn pwritev2_nowait(
             libc::RWF_NOWAIT,
         )
     };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    byte_count(r)
 }
