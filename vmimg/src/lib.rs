@@ -48,5 +48,6 @@ pub use format::{
 pub use qcow2::{Qcow2Create, Qcow2Open};
 pub use raw::{RawCreate, RawOpen};
 pub use storage::{
-    FileStorage, FileStorageOpen, MemoryStorage, NullStorage, PreallocMode, Storage, StorageExt,
+    FaultKind, FaultOp, FaultStorage, FileStorage, FileStorageOpen, MemoryStorage, NullStorage,
+    PreallocMode, Storage, StorageExt,
 };

@@ -72,6 +72,10 @@ pub struct Refcounts {
     free_hint: u64,
     /// The table replaced by the last move, freed once the header no longer points to it.
     old_table: Option<(u64, u64)>,
+    /// Clusters freed since the last complete flush. Until the metadata that stopped using
+    /// them is on disk, the disk may still map guest data to them: they are not handed out
+    /// again before [`Refcounts::end_quarantine`].
+    quarantine: std::collections::HashSet<u64>,
 }
 
 impl std::fmt::Debug for Refcounts {
@@ -120,6 +124,7 @@ impl Refcounts {
             blocks: HashMap::new(),
             free_hint: 0,
             old_table: None,
+            quarantine: std::collections::HashSet::new(),
         })
     }
 
@@ -258,9 +263,17 @@ impl Refcounts {
         set_entry(&mut b.bytes, order, cluster % epb, value);
         b.dirty = true;
         if value == 0 {
-            self.free_hint = self.free_hint.min(cluster);
+            self.quarantine.insert(cluster);
         }
         Ok(())
+    }
+
+    /// Makes the clusters freed since the last complete flush allocatable again (call once
+    /// the metadata that stopped using them is durable).
+    pub fn end_quarantine(&mut self) {
+        for c in self.quarantine.drain() {
+            self.free_hint = self.free_hint.min(c);
+        }
     }
 
     /// Creates the refcount block of table index `index` inside its own range (so it counts
@@ -301,7 +314,7 @@ impl Refcounts {
         let mut run = 0;
         while run < n {
             let c = start + run;
-            if self.get(file, c).await? == 0 {
+            if !self.quarantine.contains(&c) && self.get(file, c).await? == 0 {
                 run += 1;
             } else {
                 start = c + 1;
@@ -549,6 +562,7 @@ impl Refcounts {
             blocks: HashMap::new(),
             free_hint: 0,
             old_table: None,
+            quarantine: std::collections::HashSet::new(),
         };
         Ok(ReftableMove {
             offset: table_at << bits,
@@ -673,15 +687,21 @@ mod tests {
         let (b, _) = r.alloc(&file, 1).await.unwrap();
         assert_eq!(b, 5);
         r.set(&file, 3, 0).await.unwrap();
+        let (q, _) = r.alloc(&file, 1).await.unwrap();
+        assert_eq!(
+            q, 6,
+            "a cluster freed since the last flush is not reused yet"
+        );
+        r.end_quarantine();
         let (c, _) = r.alloc(&file, 1).await.unwrap();
-        assert_eq!(c, 3, "a freed cluster is reused");
+        assert_eq!(c, 3, "a freed cluster is reused after the flush");
         assert_eq!(r.get(&file, 4).await.unwrap(), 1);
         r.flush(&file, true).await.unwrap();
         let mut again = Refcounts::load(&file, Geometry::new(16, false), 4, 65536, 1)
             .await
             .unwrap();
         assert_eq!(again.get(&file, 5).await.unwrap(), 1);
-        assert_eq!(again.get(&file, 6).await.unwrap(), 0);
+        assert_eq!(again.get(&file, 7).await.unwrap(), 0);
     }
 
     #[tokio::test]

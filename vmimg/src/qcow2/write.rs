@@ -1003,6 +1003,12 @@ impl Qcow2Driver {
                 self.data.sync().await?;
             }
         }
+        if let Some(rc) = meta.refcounts.as_mut() {
+            // Everything that stopped using freed clusters is on disk now.
+            if durable || wrote {
+                rc.end_quarantine();
+            }
+        }
         if meta.header.is_dirty() && meta.header.lazy_refcounts() {
             // Everything is on disk: this is a clean point.
             meta.header.incompatible_features &= !super::header::incompat::DIRTY;

@@ -6,6 +6,7 @@
 //!   dyn Storage ----+---- FileStorage   (Linux file; buffered or O_DIRECT)
 //!                   +---- MemoryStorage (sparse, in memory; tests and scratch)
 //!                   +---- NullStorage   (reads zero, writes vanish)
+//!                   +---- FaultStorage  (tests: simulated crashes, injected errors)
 //! ```
 //!
 //! Contracts every implementation keeps (the conformance suite in `tests/` checks them):
@@ -18,11 +19,13 @@
 //! - [`Storage::flush`] pushes caches held by this process down to the operating system;
 //!   [`Storage::sync`] makes everything written so far durable.
 
+mod fault;
 mod file;
 mod memory;
 mod null;
 mod sys;
 
+pub use fault::{FaultKind, FaultOp, FaultStorage};
 pub use file::{FileStorage, FileStorageOpen};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
