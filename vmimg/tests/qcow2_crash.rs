@@ -126,13 +126,16 @@ async fn verify_crash(bytes: Vec<u8>, model: &Model, lazy: bool, what: &str) {
         .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
     let mut buf = vec![0u8; SIZE as usize];
     img.read(0, &mut buf).await.unwrap();
-    for i in 0..SIZE as usize {
-        if !model.touched[i] && buf[i] != model.flushed[i] {
-            panic!(
-                "{what}: byte {i:#x} reads {:#x}, but {:#x} was flushed there",
-                buf[i], model.flushed[i]
-            );
-        }
+    let bad = buf
+        .iter()
+        .zip(&model.flushed)
+        .zip(&model.touched)
+        .position(|((got, want), touched)| !touched && got != want);
+    if let Some(i) = bad {
+        panic!(
+            "{what}: byte {i:#x} reads {:#x}, but {:#x} was synced there",
+            buf[i], model.flushed[i]
+        );
     }
 }
 
