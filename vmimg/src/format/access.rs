@@ -482,7 +482,14 @@ impl Image {
             }
             let piece = take_front(&mut bufs, t.len as usize);
             match t.commit {
-                None => ios.push(write_storage(t.storage, t.offset, piece)),
+                None => {
+                    let hold = t.hold;
+                    ios.push(Box::pin(async move {
+                        let r = write_storage(t.storage, t.offset, piece).await;
+                        drop(hold);
+                        r
+                    }) as BoxFuture<'_, Result<()>>);
+                }
                 Some(commit) => {
                     // A new allocation: data first, then the mapping that exposes it.
                     write_storage(t.storage, t.offset, piece).await?;
@@ -808,6 +815,7 @@ mod tests {
                     storage: &self.storage,
                     offset,
                     commit: None,
+                    hold: None,
                 })
             })
         }

@@ -160,6 +160,9 @@ pub struct WriteTarget<'a> {
     /// until then, so the caller writes and commits before asking for the next target.
     /// Dropping it without calling it abandons the allocation (at worst leaking clusters).
     pub commit: Option<WriteCommit<'a>>,
+    /// Kept alive while the data is written, then dropped (drivers use it to know which
+    /// writes are in flight).
+    pub hold: Option<Box<dyn Send + 'a>>,
 }
 
 impl std::fmt::Debug for WriteTarget<'_> {

@@ -109,7 +109,11 @@ impl Qcow2Driver {
         if target_version == Some(2) {
             self.downgrade(below).await?;
         }
-        self.flush_impl(true).await
+        self.flush_impl(true).await?;
+        // The write path follows the header as opened: reopen to write with the new options.
+        self.amended
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// Rewrites the header after `edit` (metadata flushed first).
@@ -192,6 +196,9 @@ impl Qcow2Driver {
                     continue;
                 }
                 let guest = ((l1_index as u64) * g.l2_entries() + i as u64) * cs;
+                if guest >= self.size.load(std::sync::atomic::Ordering::Acquire) {
+                    continue;
+                }
                 let host = e.entry & L2_OFFSET_MASK;
                 if host != 0 && e.entry & COPIED != 0 {
                     self.file.write_zeroes(host, cs, false).await?;

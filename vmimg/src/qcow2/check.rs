@@ -577,8 +577,14 @@ impl<'a> Checker<'a> {
     /// discards those, as freeing with `QCOW2_DISCARD_ALWAYS` does).
     async fn write_refcounts(&mut self) -> Step {
         if self.stored.is_dirty() {
+            // Repairs write every corrected count at once, decreases included: the tables
+            // referencing clusters are what the counts were corrected against.
             self.stored
                 .flush(self.file, true)
+                .await
+                .inspect_err(|_| self.res.check_errors += 1)?;
+            self.stored
+                .flush_decreases(self.file)
                 .await
                 .inspect_err(|_| self.res.check_errors += 1)?;
             self.file.sync().await?;
@@ -1462,6 +1468,7 @@ mod tests {
         let new = v.checked_add_signed(delta).unwrap();
         assert!(rc.set(storage, cluster, new).await.unwrap().is_none());
         rc.flush(storage, true).await.unwrap();
+        rc.flush_decreases(storage).await.unwrap();
     }
 
     #[tokio::test]

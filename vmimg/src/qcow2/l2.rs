@@ -260,13 +260,17 @@ impl L2Cache {
         Some(Arc::clone(&inner.slots[i].table))
     }
 
-    /// Caches `table` at `offset`, evicting an entry not used recently when full.
-    pub fn insert(&self, offset: u64, table: Arc<L2Table>) {
+    /// Caches `table` at `offset` unless a table is cached there already, and returns the
+    /// cached one: a reader's copy loaded from disk must never replace a table a writer
+    /// has changed meanwhile. Evicts a table not used recently when full; tables that are
+    /// dirty or still held elsewhere (a pending write commit) are never evicted.
+    pub fn insert(&self, offset: u64, table: Arc<L2Table>) -> Arc<L2Table> {
         let mut inner = self.inner.lock().unwrap();
         if let Some(&i) = inner.index.get(&offset) {
-            inner.slots[i].table = table;
-            return;
+            inner.slots[i].referenced = true;
+            return Arc::clone(&inner.slots[i].table);
         }
+        let result = Arc::clone(&table);
         if inner.slots.len() < self.capacity {
             let i = inner.slots.len();
             inner.slots.push(Slot {
@@ -275,7 +279,7 @@ impl L2Cache {
                 referenced: true,
             });
             inner.index.insert(offset, i);
-            return;
+            return result;
         }
         // Dirty tables are never evicted (they are written by the next flush); if every
         // table is dirty the cache grows past its capacity until then.
@@ -289,12 +293,15 @@ impl L2Cache {
                     referenced: true,
                 });
                 inner.index.insert(offset, i);
-                return;
+                return result;
             }
             budget -= 1;
             let hand = inner.hand;
             inner.hand = (hand + 1) % inner.slots.len();
-            if inner.slots[hand].referenced || inner.slots[hand].table.is_dirty() {
+            let slot = &inner.slots[hand];
+            // Held elsewhere: a pending commit will change it; the cache must keep it.
+            let pinned = Arc::strong_count(&slot.table) > 1;
+            if slot.referenced || slot.table.is_dirty() || pinned {
                 inner.slots[hand].referenced = false;
                 continue;
             }
@@ -306,16 +313,16 @@ impl L2Cache {
                 referenced: true,
             };
             inner.index.insert(offset, hand);
-            return;
+            return result;
         }
     }
 
-    /// Drops every clean cached table.
+    /// Drops every clean cached table no one else holds.
     pub fn clear(&self) {
         let mut inner = self.inner.lock().unwrap();
         let keep: Vec<Slot> = std::mem::take(&mut inner.slots)
             .into_iter()
-            .filter(|s| s.table.is_dirty())
+            .filter(|s| s.table.is_dirty() || Arc::strong_count(&s.table) > 1)
             .collect();
         *inner = CacheInner::default();
         for s in keep {
@@ -426,5 +433,34 @@ mod tests {
         );
         c.clear();
         assert_eq!(c.len(), 0);
+    }
+
+    /// Regression: a reader's stale copy replaced a table a writer had just changed.
+    #[test]
+    fn insert_keeps_the_cached_table_and_returns_it() {
+        let c = L2Cache::new(4);
+        let writer = c.insert(1, Arc::new(L2Table::from_bytes(&[0u8; 16], false)));
+        writer.set(
+            0,
+            L2Entry {
+                entry: 0x50000 | COPIED,
+                bitmap: 0,
+            },
+        );
+        let reader_copy = Arc::new(L2Table::from_bytes(&[0u8; 16], false));
+        let got = c.insert(1, reader_copy);
+        assert_eq!(got.entry(0).entry, 0x50000 | COPIED);
+        assert!(Arc::ptr_eq(&got, &writer));
+    }
+
+    /// Regression: a table held for a pending commit was evicted, losing the commit.
+    #[test]
+    fn tables_held_elsewhere_are_not_evicted() {
+        let c = L2Cache::new(1);
+        let held = c.insert(1, Arc::new(L2Table::from_bytes(&[0u8; 16], false)));
+        for k in 2..10 {
+            c.insert(k, Arc::new(L2Table::from_bytes(&[0u8; 16], false)));
+        }
+        assert!(c.get(1).is_some_and(|t| Arc::ptr_eq(&t, &held)));
     }
 }

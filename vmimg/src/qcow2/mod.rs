@@ -84,6 +84,10 @@ pub struct Qcow2Driver {
     writable: bool,
     /// Set when a write found the metadata inconsistent: no more writes.
     corrupt: std::sync::atomic::AtomicBool,
+    /// Set by `amend`: writes need a reopened handle that follows the new header.
+    amended: std::sync::atomic::AtomicBool,
+    /// In-place writes still landing (see `flush`).
+    inflight: Arc<write::InFlight>,
     meta: Arc<tokio::sync::Mutex<write::Meta>>,
     /// QEMU's "metadata preallocation" guess, made on the first status query: only then are
     /// holes under data clusters reported as zeros.
@@ -230,6 +234,8 @@ impl Qcow2Driver {
             size: AtomicU64::new(size),
             writable,
             corrupt: std::sync::atomic::AtomicBool::new(false),
+            amended: std::sync::atomic::AtomicBool::new(false),
+            inflight: Arc::default(),
             meta: Arc::new(tokio::sync::Mutex::new(write::Meta::new(header.clone()))),
             metadata_prealloc: tokio::sync::OnceCell::new(),
             cache: L2Cache::new(tables),
@@ -279,8 +285,7 @@ impl Qcow2Driver {
             .await
             .map_err(|e| e.with_operation("read L2 table"))?;
         let table = Arc::new(L2Table::from_bytes(&bytes, self.geometry.extended_l2()));
-        self.cache.insert(offset, Arc::clone(&table));
-        Ok(table)
+        Ok(self.cache.insert(offset, table))
     }
 
     fn entry_error(&self, e: EntryError, l2_offset: u64, index: usize) -> Error {
@@ -396,11 +401,16 @@ impl Qcow2Driver {
     }
 
     fn check_write(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only"))
+        if !self.writable {
+            return Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only"));
         }
+        if self.amended.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the image options were amended: reopen the image to write to it",
+            ));
+        }
+        Ok(())
     }
 
     fn specific(&self) -> Qcow2Specific {

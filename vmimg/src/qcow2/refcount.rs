@@ -76,6 +76,10 @@ pub struct Refcounts {
     /// them is on disk, the disk may still map guest data to them: they are not handed out
     /// again before [`Refcounts::end_quarantine`].
     quarantine: std::collections::HashSet<u64>,
+    /// Refcounts lowered since the last complete flush, with their value before the first
+    /// decrease: until the L2/L1 change that dropped the reference is on disk, the blocks
+    /// are written with these older values (a crash then leaks, never under-counts).
+    decreased: HashMap<u64, u64>,
 }
 
 impl std::fmt::Debug for Refcounts {
@@ -125,6 +129,7 @@ impl Refcounts {
             free_hint: 0,
             old_table: None,
             quarantine: std::collections::HashSet::new(),
+            decreased: HashMap::new(),
         })
     }
 
@@ -260,8 +265,12 @@ impl Refcounts {
             .expect("caller made sure the block exists");
         let order = self.order;
         let b = self.block_mut(file, block).await?;
+        let old = get_entry(&b.bytes, order, cluster % epb);
         set_entry(&mut b.bytes, order, cluster % epb, value);
         b.dirty = true;
+        if value < old {
+            self.decreased.entry(cluster).or_insert(old);
+        }
         if value == 0 {
             self.quarantine.insert(cluster);
         }
@@ -402,7 +411,7 @@ impl Refcounts {
             self.set_existing(file, c, 1).await?;
         }
         // Blocks first, then the table, then make both durable before the header moves.
-        self.write_dirty_blocks(file).await?;
+        self.write_dirty_blocks(file, true).await?;
         let raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
         file.write_at(start << bits, &raw).await?;
         file.sync().await?;
@@ -442,7 +451,18 @@ impl Refcounts {
         blocks.max(table_end.saturating_sub(1))
     }
 
-    async fn write_dirty_blocks(&mut self, file: &dyn Storage) -> Result<()> {
+    /// Writes dirty blocks. With `hold_decreases`, entries lowered since the last complete
+    /// flush are written with their earlier value and their blocks stay dirty.
+    async fn write_dirty_blocks(&mut self, file: &dyn Storage, hold_decreases: bool) -> Result<()> {
+        let epb = self.entries_per_block();
+        let mut held: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+        if hold_decreases {
+            for (&c, &old) in &self.decreased {
+                if let Some(block) = self.block_offset(c / epb)? {
+                    held.entry(block).or_default().push((c % epb, old));
+                }
+            }
+        }
         let mut dirty: Vec<u64> = self
             .blocks
             .iter()
@@ -452,16 +472,30 @@ impl Refcounts {
         dirty.sort_unstable();
         for o in dirty {
             let b = self.blocks.get_mut(&o).expect("listed above");
-            file.write_at(o, &b.bytes).await?;
-            b.dirty = false;
+            match held.get(&o) {
+                None => {
+                    file.write_at(o, &b.bytes).await?;
+                    b.dirty = false;
+                }
+                Some(entries) => {
+                    let mut safe = b.bytes.clone();
+                    for &(i, old) in entries {
+                        set_entry(&mut safe, self.order, i, old);
+                    }
+                    file.write_at(o, &safe).await?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// Writes dirty refcount blocks, then (after a durability barrier when `barrier` is set)
-    /// the refcount table if it changed.
+    /// First half of a flush: writes dirty refcount blocks with every decrease since the
+    /// last complete flush held back (increments reach the disk before the L2 entries that
+    /// use them), then, after a barrier, the refcount table if it changed. Blocks stay
+    /// dirty when they hold decreases; [`Refcounts::flush_decreases`] writes them once the
+    /// L2/L1 tables no longer reference those clusters on disk.
     pub async fn flush(&mut self, file: &dyn Storage, barrier: bool) -> Result<()> {
-        self.write_dirty_blocks(file).await?;
+        self.write_dirty_blocks(file, true).await?;
         if self.reftable_dirty {
             if barrier {
                 file.sync().await?;
@@ -563,6 +597,7 @@ impl Refcounts {
             free_hint: 0,
             old_table: None,
             quarantine: std::collections::HashSet::new(),
+            decreased: HashMap::new(),
         };
         Ok(ReftableMove {
             offset: table_at << bits,
@@ -612,6 +647,17 @@ impl Refcounts {
             tokio::task::yield_now().await;
         }
         Ok(used)
+    }
+
+    /// Second half of a flush: writes the blocks holding decreases, now that no table on
+    /// disk references those clusters any more. Returns whether anything was written.
+    pub async fn flush_decreases(&mut self, file: &dyn Storage) -> Result<bool> {
+        if self.decreased.is_empty() {
+            return Ok(false);
+        }
+        self.write_dirty_blocks(file, false).await?;
+        self.decreased.clear();
+        Ok(true)
     }
 
     /// Whether anything awaits [`Refcounts::flush`].

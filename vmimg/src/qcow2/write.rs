@@ -43,6 +43,48 @@ fn touched_mask(g: super::types::Geometry, c_start: u64, from: u64, to: u64) -> 
     ((1u64 << last) - 1) & !((1u64 << first) - 1)
 }
 
+/// Counts in-place writes whose data is still being written.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One in-flight write; dropping it ends it.
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Mutable metadata, behind the driver's async metadata lock.
 #[derive(Debug)]
 pub struct Meta {
@@ -199,6 +241,36 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    /// Refuses guest data aimed at the header, L1 table or refcount table (a crafted L2
+    /// entry): marks the image corrupt instead, as QEMU's cheap overlap checks do.
+    async fn check_data_target(&self, meta: &mut Meta, host: u64) -> Result<()> {
+        if self.has_data_file() {
+            return Ok(());
+        }
+        let cs = self.geometry.cluster_size();
+        let h = &meta.header;
+        let c = host / cs;
+        let within = |off: u64, bytes: u64| c >= off / cs && c < (off + bytes).div_ceil(cs);
+        let hit = c == 0
+            || within(h.l1_table_offset, u64::from(h.l1_size) * 8)
+            || within(
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cs,
+            );
+        if !hit {
+            return Ok(());
+        }
+        self.corrupt
+            .store(true, std::sync::atomic::Ordering::Release);
+        meta.header.incompatible_features |= super::header::incompat::CORRUPT;
+        self.write_header(&meta.header).await?;
+        self.file.sync().await?;
+        Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("an L2 entry maps guest data onto metadata at {host:#x}: image marked corrupt"),
+        ))
+    }
+
     pub(super) async fn write_header(&self, header: &Header) -> Result<()> {
         let bytes = header.to_bytes().map_err(Error::from)?;
         self.file.write_at(0, &bytes).await
@@ -342,7 +414,7 @@ impl Qcow2Driver {
             self.unref_cluster(meta, old, false).await?;
         }
         new_table.mark_dirty();
-        self.cache.insert(new_offset, Arc::clone(&new_table));
+        let new_table = self.cache.insert(new_offset, new_table);
         self.l1.write().unwrap()[l1_index] = new_offset | COPIED;
         meta.l1_dirty = true;
         Ok(new_table)
@@ -388,7 +460,7 @@ impl Qcow2Driver {
             return None;
         }
         let host = e.entry & L2_OFFSET_MASK;
-        if host == 0 && !self.has_data_file() {
+        if (host == 0 && !self.has_data_file()) || self.geometry.in_cluster(host) != 0 {
             return None;
         }
         if self.geometry.extended_l2() {
@@ -428,6 +500,7 @@ impl Qcow2Driver {
 
         let e0 = table.entry(idx(offset));
         if let Some(host) = self.in_place(e0, offset, piece_end(offset)) {
+            self.check_data_target(&mut meta, host).await?;
             let mut pos = c_start + cs;
             while pos < end {
                 match self.in_place(table.entry(idx(pos)), pos, piece_end(pos)) {
@@ -440,15 +513,23 @@ impl Qcow2Driver {
                 storage: self.data.as_ref(),
                 offset: host + (offset - c_start),
                 commit: None,
+                hold: Some(Box::new(self.inflight.enter())),
             });
         }
 
         let size = self.size.load(std::sync::atomic::Ordering::Acquire);
-        if g.extended_l2() && e0.entry & COPIED != 0 && e0.entry & l2::COMPRESSED == 0 {
+        let e0_host = e0.entry & L2_OFFSET_MASK;
+        if g.extended_l2()
+            && e0.entry & COPIED != 0
+            && e0.entry & l2::COMPRESSED == 0
+            && (e0_host != 0 || self.has_data_file())
+            && g.in_cluster(e0_host) == 0
+        {
             // An allocated cluster with unallocated (or zero) subclusters under the write:
             // fill just those subclusters in place, copying the uncovered parts of the
             // partial ones, then mark them allocated.
-            let host = e0.entry & L2_OFFSET_MASK;
+            let host = e0_host;
+            self.check_data_target(&mut meta, host).await?;
             let w_end = piece_end(offset);
             let touched = touched_mask(g, c_start, offset, w_end);
             self.cow_subclusters(e0, c_start, host, offset, w_end, size, below)
@@ -474,6 +555,7 @@ impl Qcow2Driver {
                 storage: self.data.as_ref(),
                 offset: host + (offset - c_start),
                 commit: Some(commit),
+                hold: None,
             });
         }
 
@@ -580,6 +662,7 @@ impl Qcow2Driver {
             storage: self.data.as_ref(),
             offset: new_host + (offset - c_start),
             commit: Some(commit),
+            hold: None,
         })
     }
 
@@ -970,6 +1053,10 @@ impl Qcow2Driver {
             }
         }
         if !dirty_tables.is_empty() {
+            if self.has_data_file() {
+                // Copied data in the data file must be durable before the entries exposing it.
+                self.data.sync().await?;
+            }
             if wrote {
                 file.sync().await?;
             }
@@ -1004,10 +1091,16 @@ impl Qcow2Driver {
             }
         }
         if let Some(rc) = meta.refcounts.as_mut() {
-            // Everything that stopped using freed clusters is on disk now.
-            if durable || wrote {
-                rc.end_quarantine();
+            // The tables that stopped using freed clusters are on disk now: their lowered
+            // refcounts may follow, and the clusters may be reused.
+            if rc.flush_decreases(file).await? {
+                file.sync().await?;
             }
+            // An in-place write that mapped a cluster before it was freed may still be
+            // landing there: wait for those before the cluster can be handed out again.
+            // (New writes cannot map anything while this holds the metadata lock.)
+            self.inflight.wait_idle().await;
+            rc.end_quarantine();
         }
         if meta.header.is_dirty() && meta.header.lazy_refcounts() {
             // Everything is on disk: this is a clean point.
@@ -1024,7 +1117,10 @@ impl Qcow2Driver {
     /// new table never points at unwritten L2 tables).
     async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<()> {
         let cs = self.geometry.cluster_size();
-        if entries * 8 > super::header::MAX_L1_BYTES {
+        if entries
+            .checked_mul(8)
+            .is_none_or(|b| b > super::header::MAX_L1_BYTES)
+        {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "the new size needs an L1 table above 32 MiB",
@@ -1156,20 +1252,24 @@ impl Qcow2Driver {
                 .store(new_size, std::sync::atomic::Ordering::Release);
         }
         // The new space must read as zeros: the tail of the old last cluster may hold stale
-        // bytes, and a larger backing file would show through unallocated clusters.
+        // bytes (in any of its subclusters), and a larger backing file would show through
+        // unallocated clusters. Zero from the old end to the end of its cluster, or to the
+        // end of the backing data if that is further; skip only what is unallocated with
+        // nothing below.
         let tail_end = (old.div_ceil(cs) * cs).min(new_size);
-        if tail_end > old {
-            let (state, _) = self.map_run(old, tail_end - old).await?;
-            if state != ClusterState::Unallocated {
-                self.write_zeroes_impl(old, tail_end - old, false, below)
+        let below_end = below.size().min(new_size);
+        let zero_end = tail_end.max(below_end);
+        if zero_end > old {
+            let needs = if below.is_empty() {
+                let (state, n) = self.map_run(old, tail_end.max(old + 1) - old).await?;
+                state != ClusterState::Unallocated || old + n < tail_end
+            } else {
+                true
+            };
+            if needs {
+                self.write_zeroes_impl(old, zero_end - old, false, below)
                     .await?;
             }
-        }
-        let below_end = below.size().min(new_size);
-        if below_end > tail_end.max(old) {
-            let from = tail_end.max(old);
-            self.write_zeroes_impl(from, below_end - from, false, below)
-                .await?;
         }
         if matches!(
             prealloc,

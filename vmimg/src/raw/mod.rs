@@ -108,6 +108,7 @@ impl FormatDriver for RawDriver {
                 storage: self.storage.as_ref(),
                 offset,
                 commit: None,
+                hold: None,
             })
         })
     }
