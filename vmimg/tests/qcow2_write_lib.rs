@@ -156,3 +156,123 @@ async fn lying_refcounts_make_the_image_corrupt_instead_of_overwriting_metadata(
     ro.read(0, &mut buf).await.unwrap();
     assert_eq!(buf, [0u8; 16]);
 }
+
+async fn l2_offset(s: &MemoryStorage, h: &Header) -> u64 {
+    let mut e = [0u8; 8];
+    s.read_at(h.l1_table_offset, &mut e).await.unwrap();
+    u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00
+}
+
+/// Regression (review): an extended-L2 entry with the copied bit and host offset 0 made a
+/// guest write land on the header.
+#[tokio::test]
+async fn crafted_extended_entry_at_offset_zero_never_gets_guest_data() {
+    let s = Arc::new(MemoryStorage::new());
+    Qcow2Create::new(1 << 20)
+        .extended_l2(true)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    img.write(65536, b"x").await.unwrap();
+    img.flush().await.unwrap();
+    drop(img);
+    let h = header(&s).await;
+    let l2 = l2_offset(&s, &h).await;
+    let mut entry = (1u64 << 63).to_be_bytes().to_vec();
+    entry.extend_from_slice(&0u64.to_be_bytes());
+    s.write_at(l2, &entry).await.unwrap();
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    let _ = img.write(0, &[0x99u8; 4096]).await;
+    let _ = img.flush().await;
+    let mut magic = [0u8; 4];
+    s.read_at(0, &mut magic).await.unwrap();
+    assert_eq!(&magic, b"QFI\xfb", "the header was overwritten");
+}
+
+/// Regression (review): growing after a shrink exposed stale subclusters and backing data.
+#[tokio::test]
+async fn regrown_space_reads_zeros_with_extended_l2_and_over_a_backing_file() {
+    let s = Arc::new(MemoryStorage::new());
+    Qcow2Create::new(1 << 20)
+        .extended_l2(true)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    img.write(10 << 10, &[0x77u8; 2048]).await.unwrap();
+    img.resize(2048, vmimg::PreallocMode::Off).await.unwrap();
+    img.resize(65536, vmimg::PreallocMode::Off).await.unwrap();
+    let mut buf = vec![1u8; 65536 - 2048];
+    img.read(2048, &mut buf).await.unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "stale subcluster data after regrow"
+    );
+    img.flush().await.unwrap();
+
+    let base = Arc::new(MemoryStorage::from_bytes(&[0x11u8; 1 << 20]));
+    let base_img = vmimg::RawOpen::storage(base).open().await.unwrap();
+    let top = Arc::new(MemoryStorage::new());
+    Qcow2Create::new(1 << 20)
+        .create_on(top.as_ref(), None)
+        .await
+        .unwrap();
+    let img = Qcow2Open::storage(top.clone())
+        .options(OpenOptions::new().writable(true).backing(base_img))
+        .open()
+        .await
+        .unwrap();
+    img.resize(32 << 10, vmimg::PreallocMode::Off)
+        .await
+        .unwrap();
+    img.resize(1 << 20, vmimg::PreallocMode::Off).await.unwrap();
+    let mut buf = vec![1u8; (1 << 20) - (32 << 10)];
+    img.read(32 << 10, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0), "backing data showed through");
+    let mut head = vec![0u8; 32 << 10];
+    img.read(0, &mut head).await.unwrap();
+    assert!(head.iter().all(|&b| b == 0x11));
+    img.flush().await.unwrap();
+}
+
+/// Regression (review): after `amend` the open handle kept writing with the old options.
+#[tokio::test]
+async fn writes_through_a_handle_after_amend_are_refused() {
+    let s = Arc::new(MemoryStorage::new());
+    Qcow2Create::new(1 << 20)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    let q = img
+        .driver()
+        .as_any()
+        .downcast_ref::<vmimg::qcow2::Qcow2Driver>()
+        .unwrap();
+    let a = vmimg::qcow2::Qcow2Amend {
+        compat: Some("0.10".into()),
+        ..Default::default()
+    };
+    q.amend(&a, img.below()).await.unwrap();
+    let e = img.write_zeroes(0, 65536, false).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(header(&s).await.version, 2);
+    img.flush().await.unwrap();
+}
