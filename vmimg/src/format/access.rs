@@ -481,19 +481,18 @@ impl Image {
                 return Err(bad_mapping(top, pos, t.len));
             }
             let piece = take_front(&mut bufs, t.len as usize);
-            match t.commit {
-                None => {
-                    let hold = t.hold;
-                    ios.push(Box::pin(async move {
-                        let r = write_storage(t.storage, t.offset, piece).await;
-                        drop(hold);
-                        r
-                    }) as BoxFuture<'_, Result<()>>);
-                }
-                Some(commit) => {
-                    // A new allocation: data first, then the mapping that exposes it.
+            match (t.commit, t.hold) {
+                (None, None) => ios.push(write_storage(t.storage, t.offset, piece)),
+                (commit, hold) => {
+                    // The driver tracks this write (a new allocation to publish, or an
+                    // in-flight write it must wait for): finish it before asking for the
+                    // next target, which may need the lock that the driver's wait holds.
                     write_storage(t.storage, t.offset, piece).await?;
-                    commit().await?;
+                    drop(hold);
+                    if let Some(commit) = commit {
+                        // Data first, then the mapping that exposes it.
+                        commit().await?;
+                    }
                 }
             }
             pos += t.len;

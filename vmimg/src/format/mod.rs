@@ -161,7 +161,8 @@ pub struct WriteTarget<'a> {
     /// Dropping it without calling it abandons the allocation (at worst leaking clusters).
     pub commit: Option<WriteCommit<'a>>,
     /// Kept alive while the data is written, then dropped (drivers use it to know which
-    /// writes are in flight).
+    /// writes are in flight). Like `commit`, the caller finishes such a write before asking
+    /// for the next target.
     pub hold: Option<Box<dyn Send + 'a>>,
 }
 
