@@ -24,9 +24,16 @@ use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
 #[derive(Parser, Debug)]
 #[command(name = "vmimg", version, about, propagate_version = true)]
 struct Cli {
+    /// Treat images as hostile: the format must be given with -f, and no file named inside
+    /// an image (backing file, data file) is opened.
+    #[arg(long, global = true)]
+    untrusted: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// Set from `--untrusted` before any command runs.
+static UNTRUSTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -86,6 +93,11 @@ pub async fn open_image_with(
     format: Option<&str>,
     opts: OpenOptions,
 ) -> Result<Image, Error> {
+    let opts = if UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed) {
+        opts.untrusted(true)
+    } else {
+        opts
+    };
     let mut open = ImageOpen::path(path).options(opts);
     if let Some(f) = format {
         open = open.format(Format::from_name(f)?);
@@ -100,6 +112,7 @@ pub fn usage_error(msg: impl Into<String>) -> Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    UNTRUSTED.store(cli.untrusted, std::sync::atomic::Ordering::Relaxed);
     // Exit status on error: 2 for compare (1 means "different" there), 1 elsewhere.
     let error_status = match cli.cmd {
         Cmd::Compare(_) => 2,

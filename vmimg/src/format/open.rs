@@ -56,6 +56,7 @@ pub struct OpenOptions {
     pub(crate) l2_cache_bytes: u64,
     pub(crate) snapshot: Option<String>,
     pub(crate) max_chain_depth: usize,
+    pub(crate) untrusted: bool,
 }
 
 impl Default for OpenOptions {
@@ -69,6 +70,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: qcow2::DEFAULT_L2_CACHE_BYTES,
             snapshot: None,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
+            untrusted: false,
         }
     }
 }
@@ -89,6 +91,20 @@ impl OpenOptions {
     /// Open an internal snapshot (by ID or name) read-only instead of the active state.
     pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Untrusted-image mode, for images from sources you do not control: no format probing
+    /// (the format must be named), no file named inside the image is opened (backing and
+    /// data files must be given explicitly), and a smaller metadata cache (4 MiB per layer).
+    /// Files given explicitly with [`OpenOptions::backing`] or [`OpenOptions::data_file`]
+    /// still work.
+    pub fn untrusted(mut self, untrusted: bool) -> Self {
+        self.untrusted = untrusted;
+        if untrusted {
+            self.policy = ImplicitOpenPolicy::deny();
+            self.l2_cache_bytes = self.l2_cache_bytes.min(4 << 20);
+        }
         self
     }
 
@@ -280,6 +296,12 @@ pub(crate) async fn open_chain(
         }
         let format = match format {
             Some(f) => f,
+            None if opts.untrusted => {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "untrusted images need their format named: probing is unsafe on them",
+                ))
+            }
             None => Format::probe(storage.as_ref()).await?,
         };
         let writable = top && opts.writable;
