@@ -859,6 +859,24 @@ impl Qcow2Driver {
             .entry(g.l2_index(cluster)))
     }
 
+    /// The per-cluster pieces of `[offset, offset + len)`: (start, end, cluster start,
+    /// whether the piece covers its whole cluster, or all of it inside the image).
+    fn cluster_pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64, bool)> {
+        let cs = self.geometry.cluster_size();
+        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
+        let end = offset + len;
+        let mut pieces = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let c_start = pos / cs * cs;
+            let piece_end = end.min(c_start + cs);
+            let whole = pos == c_start && piece_end >= (c_start + cs).min(size);
+            pieces.push((pos, piece_end, c_start, whole));
+            pos = piece_end;
+        }
+        pieces
+    }
+
     /// Zeroes `[offset, offset + len)`: whole clusters by metadata where the format allows,
     /// the rest by writing zeros.
     pub(super) async fn write_zeroes_impl(
@@ -868,17 +886,11 @@ impl Qcow2Driver {
         unmap: bool,
         below: ChainView<'_>,
     ) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         let v3 = self.header.version >= 3;
         let raw_data = self.header.data_file_raw();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let c_start = pos / cs * cs;
-            let c_end = (c_start + cs).min(size);
-            let piece_end = end.min(c_start + cs);
-            let whole = pos == c_start && piece_end >= c_end;
+        for (pos, piece_end, c_start, whole) in self.cluster_pieces(offset, len) {
+            let c_end = (c_start + self.geometry.cluster_size())
+                .min(self.size.load(std::sync::atomic::Ordering::Acquire));
             if whole && v3 && !raw_data {
                 let extended = self.geometry.extended_l2();
                 let data_file = self.has_data_file();
@@ -950,7 +962,6 @@ impl Qcow2Driver {
                 self.write_buf(pos, &vec![0u8; (piece_end - pos) as usize], below)
                     .await?;
             }
-            pos = piece_end;
         }
         Ok(())
     }
@@ -988,16 +999,8 @@ impl Qcow2Driver {
             }
             return Ok(());
         }
-        let cs = self.geometry.cluster_size();
-        let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         let v3 = self.header.version >= 3;
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let c_start = pos / cs * cs;
-            let c_end = (c_start + cs).min(size);
-            let piece_end = end.min(c_start + cs);
-            let whole = pos == c_start && piece_end >= c_end;
+        for (pos, piece_end, c_start, whole) in self.cluster_pieces(offset, len) {
             let zero = mode == DiscardMode::ReadsAnything && v3 && !below.is_empty();
             if whole {
                 let extended = self.geometry.extended_l2();
@@ -1028,7 +1031,6 @@ impl Qcow2Driver {
                 below.read(pos, &mut buf).await?;
                 self.write_buf(pos, &buf, below).await?;
             }
-            pos = piece_end;
         }
         Ok(())
     }
