@@ -30,6 +30,24 @@ pub enum DecompressError {
     },
 }
 
+/// Runs CPU-heavy (de)compression on the blocking pool, at most two jobs per core at once,
+/// so a large request over many compressed clusters neither stalls the executor nor spawns
+/// hundreds of threads.
+pub async fn run_cpu<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> crate::Result<T> {
+    static SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores * 2)
+    });
+    let _slot = SLOTS.acquire().await.map_err(|e| {
+        crate::Error::new(crate::ErrorKind::Io, "compression pool closed").with_source(e)
+    })?;
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        crate::Error::new(crate::ErrorKind::Io, "compression task failed").with_source(e)
+    })
+}
+
 /// Compresses one cluster for storage; `None` when the result would not be smaller than
 /// the cluster (QEMU then stores the cluster uncompressed).
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {

@@ -382,14 +382,12 @@ impl Qcow2Driver {
             .map_err(|e| e.with_operation("read compressed cluster"))?;
         let kind = self.header.compression_type;
         let cluster_size = self.geometry.cluster_size() as usize;
-        // Decoding is CPU work: run it on the blocking pool so executor threads stay free
-        // and several clusters decode in parallel.
-        let out = tokio::task::spawn_blocking(move || {
+        // Decoding is CPU work: off the executor, several clusters in parallel.
+        let out = compress::run_cpu(move || {
             let mut out = vec![0u8; cluster_size];
             compress::decompress(kind, &input, &mut out).map(|()| out)
         })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Io, "decompression task failed").with_source(e))?
+        .await?
         .map_err(|e| corrupt(format!("compressed cluster at {host:#x}: {e}")).with_source(e))?;
         let out = Arc::new(out);
         let mut cache = self.decompressed.lock().unwrap();

@@ -762,11 +762,10 @@ impl Qcow2Driver {
         let kind = self.header.compression_type;
         // Compression is CPU work: off the executor, and outside the metadata lock so that
         // many clusters compress in parallel.
-        let compressed = tokio::task::spawn_blocking(move || {
+        let compressed = super::compress::run_cpu(move || {
             super::compress::compress(kind, &cluster).ok_or(cluster)
         })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Io, "compression task failed").with_source(e))?;
+        .await?;
         let data = match compressed {
             Ok(data) => data,
             Err(_) => return self.write_buf(offset, buf, below).await,
