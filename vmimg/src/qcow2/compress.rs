@@ -30,7 +30,7 @@ pub enum DecompressError {
     },
 }
 
-/// Runs CPU-heavy (de)compression on the blocking pool, at most two jobs per core at once,
+/// Runs CPU-heavy (de)compression on the blocking pool, at most eight jobs per core at once,
 /// so a large request over many compressed clusters neither stalls the executor nor spawns
 /// hundreds of threads.
 pub async fn run_cpu<T: Send + 'static>(
@@ -38,7 +38,7 @@ pub async fn run_cpu<T: Send + 'static>(
 ) -> crate::Result<T> {
     static SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        tokio::sync::Semaphore::new(cores * 2)
+        tokio::sync::Semaphore::new(cores * 8)
     });
     let _slot = SLOTS.acquire().await.map_err(|e| {
         crate::Error::new(crate::ErrorKind::Io, "compression pool closed").with_source(e)
