@@ -1,5 +1,5 @@
-//! `vmimg snapshot`: list internal snapshots (creating, applying and deleting need the qcow2
-//! write path).
+//! `vmimg snapshot`: list internal snapshots (creating, applying and deleting are not
+//! supported yet).
 
 use crate::info::snapshot_table;
 use crate::{open_image, usage_error, CmdResult};
@@ -34,8 +34,7 @@ pub async fn run(args: SnapshotArgs) -> CmdResult {
     if args.create.is_some() || args.apply.is_some() || args.delete.is_some() {
         return Err(Error::new(
             ErrorKind::Unsupported,
-            "creating, applying and deleting snapshots needs the qcow2 write path, \
-             which is not implemented yet",
+            "creating, applying and deleting internal snapshots is not supported yet",
         ));
     }
     if !args.list {

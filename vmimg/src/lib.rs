@@ -3,7 +3,7 @@
 //! ```text
 //!  Image (access: split on mappings, backing fall-through, alignment, concurrency)
 //!    |
-//!  FormatDriver: raw | qcow2 (later)      -- guest ranges -> mappings
+//!  FormatDriver: raw | qcow2              -- guest ranges -> mappings
 //!    |
 //!  Storage: file | memory | null           -- host bytes on a medium
 //! ```

@@ -1,4 +1,4 @@
-//! The qcow2 format (QEMU copy-on-write, versions 2 and 3): read path.
+//! The qcow2 format (QEMU copy-on-write, versions 2 and 3).
 //!
 //! ```text
 //!  guest offset --L1 index--> L1 table (in memory) --L2 offset--> L2 table (cached)
@@ -6,9 +6,11 @@
 //! ```
 //!
 //! One file per role: `header` (on-disk header and extensions), `types` (typed offsets and
-//! geometry), `l2` (entries and the bounded table cache), `compress` (deflate/zstd decoding),
-//! `snapshot` (the snapshot table), `bitmaps` (the bitmap directory, kept for `info`).
-//! Writing is not implemented yet: images open read-only.
+//! geometry), `l2` (entries and the bounded table cache), `refcount` (refcounts and the
+//! allocator), `write` (allocation, copy-on-write, zeroing, discard, flush order),
+//! `compress` (deflate/zstd), `create` (new images), `amend` (changing options), `check`
+//! (consistency check and repair), `snapshot` (the snapshot table), `bitmaps` (the bitmap
+//! directory, kept for `info`).
 
 mod amend;
 mod bitmaps;
@@ -40,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use types::{Geometry, GuestOffset};
 
 crate::format::open::format_open_builder!(
-    /// Opens a qcow2 image and its backing chain (read-only for now).
+    /// Opens a qcow2 image and its backing chain.
     ///
     /// Files the image names (backing file, external data file) are opened through the
     /// [`ImplicitOpenPolicy`](crate::ImplicitOpenPolicy) of the options.
