@@ -84,6 +84,18 @@ impl FileStorageOpen {
     }
 
     fn open_sync(self) -> Result<FileStorage> {
+        // Only regular files and block devices: opening a FIFO (which a crafted image can
+        // name as its backing file) would block forever, and character devices never end.
+        if let Ok(meta) = std::fs::metadata(&self.path) {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            if t.is_fifo() || t.is_socket() || t.is_char_device() {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "not a regular file or block device",
+                ));
+            }
+        }
         let mut opts = OpenOptions::new();
         opts.read(true).write(self.writable);
         if self.create {
@@ -489,6 +501,26 @@ impl Storage for FileStorage {
 mod tests {
     use super::*;
     use crate::storage::StorageExt;
+
+    /// Regression: a backing file name pointing at a FIFO made open block forever.
+    #[tokio::test]
+    async fn fifos_and_character_devices_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let open = FileStorageOpen::new(&fifo).open();
+        let err = tokio::time::timeout(std::time::Duration::from_secs(5), open)
+            .await
+            .expect("opening a FIFO must not block")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        let err = FileStorageOpen::new("/dev/zero").open().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
 
     #[test]
     fn scatter_and_gather_skip_whole_and_partial_vectors() {
