@@ -1,10 +1,10 @@
 //! `vmimg commit` and `vmimg rebase`: move data between an image and its backing chain.
 
-use crate::convert::is_zero;
 use crate::{open_image, open_image_with, usage_error, CmdResult};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use vmimg::io_buf::is_zero;
 use vmimg::{DiscardMode, ErrorKind, Image, MemoryStorage, OpenOptions, PreallocMode, RawOpen};
 
 /// Bytes copied per step.

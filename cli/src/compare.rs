@@ -1,8 +1,8 @@
 //! `vmimg compare`: exit 0 identical, 1 different, 2 error (like qemu-img compare).
 
-use crate::convert::is_zero;
 use crate::{open_image, CmdResult};
 use clap::Args;
+use vmimg::io_buf::is_zero;
 use vmimg::{Error, Image};
 
 /// Bytes compared per read.

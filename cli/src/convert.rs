@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::task::JoinSet;
+use vmimg::io_buf::is_zero;
 use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
 
 /// Size of one copy job.
@@ -96,15 +97,6 @@ pub fn nonzero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize)> {
         }
     }
     runs
-}
-
-/// Whether every byte is zero: the first byte is zero and every byte equals its neighbour
-/// (one overlapping `memcmp`, which runs at memory speed).
-pub fn is_zero(buf: &[u8]) -> bool {
-    match buf.split_first() {
-        None => true,
-        Some((&first, rest)) => first == 0 && rest == &buf[..buf.len() - 1],
-    }
 }
 
 struct Job {
@@ -449,15 +441,5 @@ mod tests {
         assert_eq!(parse_snapshot_param("s1").unwrap(), "s1");
         assert!(parse_snapshot_param("bogus=1").is_err());
         assert!(parse_snapshot_param("").is_err());
-    }
-
-    #[test]
-    fn is_zero_sees_a_single_set_byte_anywhere() {
-        for i in 0..37 {
-            let mut b = vec![0u8; 37];
-            assert!(is_zero(&b));
-            b[i] = 0x80;
-            assert!(!is_zero(&b), "byte {i}");
-        }
     }
 }

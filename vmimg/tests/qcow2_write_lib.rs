@@ -5,7 +5,19 @@ use std::sync::Arc;
 use vmimg::qcow2::check::{check, Repair};
 use vmimg::qcow2::header::incompat;
 use vmimg::qcow2::Header;
-use vmimg::{ErrorKind, MemoryStorage, OpenOptions, Qcow2Create, Qcow2Open, StorageExt};
+use vmimg::{ErrorKind, Image, MemoryStorage, OpenOptions, Qcow2Create, Qcow2Open, StorageExt};
+
+/// A new image created on memory by `create`, opened for writing.
+async fn new_image(create: Qcow2Create) -> (Arc<MemoryStorage>, Image) {
+    let s = Arc::new(MemoryStorage::new());
+    create.create_on(s.as_ref(), None).await.unwrap();
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    (s, img)
+}
 
 async fn header(s: &MemoryStorage) -> Header {
     let mut b = vec![0u8; 65536];
@@ -44,17 +56,7 @@ async fn lazy_refcounts_set_the_dirty_bit_until_the_next_flush() {
 
 #[tokio::test]
 async fn a_dirty_image_opened_for_writing_gets_its_refcounts_rebuilt_first() {
-    let s = Arc::new(MemoryStorage::new());
-    Qcow2Create::new(8 << 20)
-        .lazy_refcounts(true)
-        .create_on(s.as_ref(), None)
-        .await
-        .unwrap();
-    let img = Qcow2Open::storage(s.clone())
-        .writable(true)
-        .open()
-        .await
-        .unwrap();
+    let (s, img) = new_image(Qcow2Create::new(8 << 20).lazy_refcounts(true)).await;
     img.write(3 << 20, b"survives").await.unwrap();
     img.flush().await.unwrap();
     img.write(6 << 20, b"crash").await.unwrap();
@@ -91,16 +93,7 @@ async fn a_dirty_image_opened_for_writing_gets_its_refcounts_rebuilt_first() {
 
 #[tokio::test]
 async fn images_without_lazy_refcounts_never_get_the_dirty_bit() {
-    let s = Arc::new(MemoryStorage::new());
-    Qcow2Create::new(8 << 20)
-        .create_on(s.as_ref(), None)
-        .await
-        .unwrap();
-    let img = Qcow2Open::storage(s.clone())
-        .writable(true)
-        .open()
-        .await
-        .unwrap();
+    let (s, img) = new_image(Qcow2Create::new(8 << 20)).await;
     img.write(0, b"x").await.unwrap();
     assert!(!header(&s).await.is_dirty());
     img.flush().await.unwrap();
@@ -167,17 +160,7 @@ async fn l2_offset(s: &MemoryStorage, h: &Header) -> u64 {
 /// guest write land on the header.
 #[tokio::test]
 async fn crafted_extended_entry_at_offset_zero_never_gets_guest_data() {
-    let s = Arc::new(MemoryStorage::new());
-    Qcow2Create::new(1 << 20)
-        .extended_l2(true)
-        .create_on(s.as_ref(), None)
-        .await
-        .unwrap();
-    let img = Qcow2Open::storage(s.clone())
-        .writable(true)
-        .open()
-        .await
-        .unwrap();
+    let (s, img) = new_image(Qcow2Create::new(1 << 20).extended_l2(true)).await;
     img.write(65536, b"x").await.unwrap();
     img.flush().await.unwrap();
     drop(img);
@@ -201,17 +184,7 @@ async fn crafted_extended_entry_at_offset_zero_never_gets_guest_data() {
 /// Regression (review): growing after a shrink exposed stale subclusters and backing data.
 #[tokio::test]
 async fn regrown_space_reads_zeros_with_extended_l2_and_over_a_backing_file() {
-    let s = Arc::new(MemoryStorage::new());
-    Qcow2Create::new(1 << 20)
-        .extended_l2(true)
-        .create_on(s.as_ref(), None)
-        .await
-        .unwrap();
-    let img = Qcow2Open::storage(s.clone())
-        .writable(true)
-        .open()
-        .await
-        .unwrap();
+    let (_s, img) = new_image(Qcow2Create::new(1 << 20).extended_l2(true)).await;
     img.write(10 << 10, &[0x77u8; 2048]).await.unwrap();
     img.resize(2048, vmimg::PreallocMode::Off).await.unwrap();
     img.resize(65536, vmimg::PreallocMode::Off).await.unwrap();
@@ -251,16 +224,7 @@ async fn regrown_space_reads_zeros_with_extended_l2_and_over_a_backing_file() {
 /// Regression (review): after `amend` the open handle kept writing with the old options.
 #[tokio::test]
 async fn writes_through_a_handle_after_amend_are_refused() {
-    let s = Arc::new(MemoryStorage::new());
-    Qcow2Create::new(1 << 20)
-        .create_on(s.as_ref(), None)
-        .await
-        .unwrap();
-    let img = Qcow2Open::storage(s.clone())
-        .writable(true)
-        .open()
-        .await
-        .unwrap();
+    let (s, img) = new_image(Qcow2Create::new(1 << 20)).await;
     let q = img
         .driver()
         .as_any()

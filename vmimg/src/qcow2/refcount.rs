@@ -605,14 +605,13 @@ impl Refcounts {
         })
     }
 
-    /// Clusters holding refcount blocks.
-    pub fn block_clusters(&self) -> std::collections::HashSet<u64> {
+    /// A cluster in `range` that holds a refcount block, if any.
+    pub fn block_in(&self, range: &std::ops::Range<u64>) -> Option<u64> {
         let bits = self.geometry.cluster_bits();
         self.reftable
             .iter()
             .map(|e| (e & REFTABLE_OFFSET_MASK) >> bits)
-            .filter(|&c| c != 0)
-            .collect()
+            .find(|c| *c != 0 && range.contains(c))
     }
 
     /// Number of clusters below `end_cluster` with a non-zero refcount, counting at most up

@@ -21,19 +21,12 @@ use super::refcount::{Refcounts, ReftableMove};
 use super::types::GuestOffset;
 use super::Qcow2Driver;
 use crate::format::{ChainView, DiscardMode, WriteCommit, WriteTarget};
+use crate::io_buf::is_zero;
 use crate::storage::PreallocMode;
 use crate::storage::{Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use std::sync::Arc;
 use tokio::sync::OwnedMutexGuard;
-
-/// Whether every byte is zero.
-fn is_zero(buf: &[u8]) -> bool {
-    match buf.split_first() {
-        None => true,
-        Some((&first, rest)) => first == 0 && rest == &buf[..buf.len() - 1],
-    }
-}
 
 /// Allocation bits of the subclusters of the cluster at `c_start` that `[from, to)` touches.
 fn touched_mask(g: super::types::Geometry, c_start: u64, from: u64, to: u64) -> u64 {
@@ -195,80 +188,73 @@ impl Qcow2Driver {
         Ok(())
     }
 
+    /// Whether host cluster `c` holds the header, the active L1 table, the refcount table
+    /// or the first cluster of the snapshot table.
+    fn is_fixed_metadata(&self, h: &Header, c: u64) -> bool {
+        let cs = self.geometry.cluster_size();
+        let within = |off: u64, bytes: u64| c >= off / cs && c < (off + bytes).div_ceil(cs);
+        c == 0
+            || within(h.l1_table_offset, u64::from(h.l1_size) * 8)
+            || within(
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cs,
+            )
+            || (h.nb_snapshots > 0 && within(h.snapshots_offset, 1))
+    }
+
+    /// Marks the image corrupt (header bit, no more writes) and returns the error to report.
+    async fn mark_corrupt(&self, meta: &mut Meta, what: String) -> Error {
+        self.corrupt
+            .store(true, std::sync::atomic::Ordering::Release);
+        meta.header.incompatible_features |= super::header::incompat::CORRUPT;
+        let written = match self.write_header(&meta.header).await {
+            Ok(()) => self.file.sync().await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => Error::new(ErrorKind::Corrupt, format!("{what}: image marked corrupt")),
+            Err(e) => e.with_operation("mark the image corrupt"),
+        }
+    }
+
     /// Refuses to hand out clusters that hold metadata (a refcount structure that lies):
     /// marks the image corrupt instead, as QEMU's overlap check does.
     async fn check_overlap(&self, meta: &mut Meta, first: u64, n: u64) -> Result<()> {
         let cs = self.geometry.cluster_size();
-        let h = &meta.header;
-        let range = |off: u64, bytes: u64| (off / cs, (off + bytes).div_ceil(cs));
-        let mut areas = vec![
-            (0, 1),
-            range(h.l1_table_offset, u64::from(h.l1_size) * 8),
-            range(
-                h.refcount_table_offset,
-                u64::from(h.refcount_table_clusters) * cs,
-            ),
-        ];
-        if h.nb_snapshots > 0 {
-            areas.push(range(h.snapshots_offset, 1));
-        }
-        let hit = |c: u64| areas.iter().any(|&(a, b)| c >= a && c < b);
-        let l2_tables: std::collections::HashSet<u64> = self
-            .l1
-            .read()
-            .unwrap()
-            .iter()
-            .map(|e| (e & L1_OFFSET_MASK) / cs)
-            .filter(|&c| c != 0)
-            .collect();
-        let blocks = meta.refcounts().block_clusters();
-        for c in first..first + n {
-            if hit(c) || l2_tables.contains(&c) || blocks.contains(&c) {
-                self.corrupt
-                    .store(true, std::sync::atomic::Ordering::Release);
-                meta.header.incompatible_features |= super::header::incompat::CORRUPT;
-                self.write_header(&meta.header).await?;
-                self.file.sync().await?;
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!(
-                        "refcounts claim metadata cluster {:#x} is free: image marked corrupt",
-                        c * cs
-                    ),
-                ));
+        let run = first..first + n;
+        let fixed = run
+            .clone()
+            .find(|&c| self.is_fixed_metadata(&meta.header, c));
+        let l2 = || {
+            self.l1
+                .read()
+                .unwrap()
+                .iter()
+                .map(|e| (e & L1_OFFSET_MASK) / cs)
+                .find(|c| *c != 0 && run.contains(c))
+        };
+        let hit = fixed
+            .or_else(l2)
+            .or_else(|| meta.refcounts().block_in(&run));
+        match hit {
+            None => Ok(()),
+            Some(c) => {
+                let what = format!("refcounts claim metadata cluster {:#x} is free", c * cs);
+                Err(self.mark_corrupt(meta, what).await)
             }
         }
-        Ok(())
     }
 
     /// Refuses guest data aimed at the header, L1 table or refcount table (a crafted L2
     /// entry): marks the image corrupt instead, as QEMU's cheap overlap checks do.
     async fn check_data_target(&self, meta: &mut Meta, host: u64) -> Result<()> {
-        if self.has_data_file() {
+        if self.has_data_file()
+            || !self.is_fixed_metadata(&meta.header, host / self.geometry.cluster_size())
+        {
             return Ok(());
         }
-        let cs = self.geometry.cluster_size();
-        let h = &meta.header;
-        let c = host / cs;
-        let within = |off: u64, bytes: u64| c >= off / cs && c < (off + bytes).div_ceil(cs);
-        let hit = c == 0
-            || within(h.l1_table_offset, u64::from(h.l1_size) * 8)
-            || within(
-                h.refcount_table_offset,
-                u64::from(h.refcount_table_clusters) * cs,
-            );
-        if !hit {
-            return Ok(());
-        }
-        self.corrupt
-            .store(true, std::sync::atomic::Ordering::Release);
-        meta.header.incompatible_features |= super::header::incompat::CORRUPT;
-        self.write_header(&meta.header).await?;
-        self.file.sync().await?;
-        Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("an L2 entry maps guest data onto metadata at {host:#x}: image marked corrupt"),
-        ))
+        let what = format!("an L2 entry maps guest data onto metadata at {host:#x}");
+        Err(self.mark_corrupt(meta, what).await)
     }
 
     pub(super) async fn write_header(&self, header: &Header) -> Result<()> {
