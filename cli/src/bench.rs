@@ -1,11 +1,11 @@
 //! `vmimg bench`: qemu-img bench's simple I/O benchmark (same options, same output).
 
 use crate::size::parse_size;
-use crate::{open_image, usage_error, CmdResult};
+use crate::{cache_mode, open_image_with, usage_error, CmdResult};
 use clap::Args;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::time::Instant;
-use vmimg::Error;
+use vmimg::{Error, OpenOptions};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -68,8 +68,8 @@ pub async fn run(args: BenchArgs) -> CmdResult {
     if size == 0 || args.depth == 0 {
         return Err(usage_error("request size and depth must be positive"));
     }
-    let direct = matches!(args.cache.as_str(), "none" | "directsync");
-    let image = open_image(&args.filename, args.format.as_deref(), args.write, direct).await?;
+    let opts = cache_mode(OpenOptions::new().writable(args.write), &args.cache)?;
+    let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let img_size = image.size();
     if size > img_size {
         return Err(usage_error("request size is larger than the image"));

@@ -2,7 +2,7 @@
 
 use crate::create::{parse_options, qcow2_plan, raw_create_from_options};
 use crate::size::parse_size;
-use crate::{open_image_with, usage_error, CmdResult};
+use crate::{cache_mode, open_image_with, usage_error, CmdResult};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +61,13 @@ pub struct ConvertArgs {
     /// Force share (accepted for compatibility; images are opened read-only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Cache mode of the output: `unsafe` (default, as in qemu-img: nothing waits for the
+    /// disk), `writeback`, `writethrough`, `none` or `directsync` (`O_DIRECT`).
+    #[arg(short = 't', default_value = "unsafe")]
+    cache: String,
+    /// Cache mode of the sources: `writeback` (default) or `none` (`O_DIRECT`).
+    #[arg(short = 'T', default_value = "writeback")]
+    src_cache: String,
     /// Source images (concatenated) followed by the output image.
     #[arg(num_args = 2.., required = true)]
     files: Vec<String>,
@@ -99,7 +106,27 @@ pub fn nonzero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize)> {
     runs
 }
 
+/// Copy buffers reused across jobs: at most one per job in flight, allocated (and zeroed)
+/// once instead of for every chunk.
+#[derive(Clone, Default)]
+struct Buffers(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Buffers {
+    fn get(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; CHUNK as usize])
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        self.0.lock().unwrap().push(buf);
+    }
+}
+
 struct Job {
+    buffers: Buffers,
     src: Image,
     dst: Image,
     src_off: u64,
@@ -113,8 +140,14 @@ struct Job {
 
 impl Job {
     async fn run(self) -> Result<u64, Error> {
-        let mut buf = vec![0u8; self.len as usize];
-        self.src.read(self.src_off, &mut buf).await?;
+        let mut owned = self.buffers.get();
+        let r = self.copy(&mut owned[..self.len as usize]).await;
+        self.buffers.put(owned);
+        r
+    }
+
+    async fn copy(&self, buf: &mut [u8]) -> Result<u64, Error> {
+        self.src.read(self.src_off, buf).await?;
         if self.diff_only {
             let mut old = vec![0u8; self.len as usize];
             self.dst.read(self.dst_off, &mut old).await?;
@@ -132,10 +165,10 @@ impl Job {
             return Ok(self.len);
         }
         if self.sparse == 0 && !self.fresh {
-            self.dst.write(self.dst_off, &buf).await?;
+            self.dst.write(self.dst_off, buf).await?;
             return Ok(self.len);
         }
-        let runs = nonzero_runs(&buf, self.sparse);
+        let runs = nonzero_runs(buf, self.sparse);
         let mut pos = 0usize;
         for (start, end) in runs {
             if !self.fresh && start > pos {
@@ -169,7 +202,8 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     let sparse = parse_size(&args.sparse_size).map_err(usage_error)? as usize;
     let jobs = args.jobs.clamp(1, 64);
 
-    let mut src_opts = OpenOptions::new();
+    let mut src_opts = cache_mode(OpenOptions::new(), &args.src_cache)?;
+    let dst_opts = cache_mode(OpenOptions::new().writable(true), &args.cache)?;
     if let Some(param) = &args.snapshot {
         src_opts = src_opts.snapshot(parse_snapshot_param(param)?);
     }
@@ -210,8 +244,8 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         .map_err(|e| e.with_operation("create"))?;
     }
     let dst = ImageOpen::path(dst_name)
+        .options(dst_opts)
         .format(out_format)
-        .writable(true)
         .open()
         .await?;
     if dst.size() < total {
@@ -263,6 +297,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     };
 
     let mut set: JoinSet<Result<u64, Error>> = JoinSet::new();
+    let buffers = Buffers::default();
     let mut base = 0u64;
     for src in &sources {
         let size = src.size();
@@ -284,6 +319,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
                         }
                         set.spawn(
                             Job {
+                                buffers: buffers.clone(),
                                 src: src.clone(),
                                 dst: dst.clone(),
                                 src_off: pos,

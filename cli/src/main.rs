@@ -72,6 +72,19 @@ enum Cmd {
 /// The result every command returns: an exit status, or an error.
 pub type CmdResult = Result<u8, Error>;
 
+/// Applies a qemu-img cache mode (`-t`/`-T`): `none` and `directsync` bypass the page
+/// cache (`O_DIRECT`), `unsafe` ignores sync requests, `writeback` and `writethrough` use
+/// the page cache and honour syncs.
+pub fn cache_mode(opts: OpenOptions, mode: &str) -> Result<OpenOptions, Error> {
+    let (direct, no_sync) = match mode {
+        "writeback" | "writethrough" => (false, false),
+        "none" | "directsync" => (true, false),
+        "unsafe" => (false, true),
+        other => return Err(usage_error(format!("Invalid cache option: {other}"))),
+    };
+    Ok(opts.direct(direct).no_sync(no_sync))
+}
+
 /// Opens an image read-only or writable, with the named format or a probed one.
 pub async fn open_image(
     path: &str,

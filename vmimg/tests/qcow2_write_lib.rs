@@ -240,3 +240,183 @@ async fn writes_through_a_handle_after_amend_are_refused() {
     assert_eq!(header(&s).await.version, 2);
     img.flush().await.unwrap();
 }
+
+/// A memory storage whose whole-cluster (64 KiB) writes wait at a gate while it is armed:
+/// lets a test hold an allocating write between allocation and commit.
+#[derive(Debug)]
+struct GateStorage {
+    inner: MemoryStorage,
+    armed: std::sync::atomic::AtomicBool,
+    gate: tokio::sync::Semaphore,
+}
+
+impl GateStorage {
+    fn new() -> Self {
+        GateStorage {
+            inner: MemoryStorage::new(),
+            armed: false.into(),
+            gate: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+impl vmimg::Storage for GateStorage {
+    fn size(&self) -> vmimg::Result<u64> {
+        self.inner.size()
+    }
+    fn mem_align(&self) -> usize {
+        1
+    }
+    fn request_align(&self) -> usize {
+        1
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+    fn readv<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a mut [std::io::IoSliceMut<'_>],
+    ) -> vmimg::storage::BoxFuture<'a, vmimg::Result<()>> {
+        self.inner.readv(offset, bufs)
+    }
+    fn writev<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a [std::io::IoSlice<'_>],
+    ) -> vmimg::storage::BoxFuture<'a, vmimg::Result<()>> {
+        Box::pin(async move {
+            let len: usize = bufs.iter().map(|b| b.len()).sum();
+            if len == 65536 && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+                self.gate.acquire().await.unwrap().forget();
+            }
+            self.inner.writev(offset, bufs).await
+        })
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.flush()
+    }
+    fn sync(&self) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.sync()
+    }
+    fn resize(
+        &self,
+        new_size: u64,
+        prealloc: vmimg::PreallocMode,
+    ) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.resize(new_size, prealloc)
+    }
+    fn extent(
+        &self,
+        offset: u64,
+        max_len: u64,
+    ) -> vmimg::storage::BoxFuture<'_, vmimg::Result<(vmimg::storage::HostExtent, u64)>> {
+        self.inner.extent(offset, max_len)
+    }
+}
+
+async fn gated_image() -> (Arc<GateStorage>, Image) {
+    let s = Arc::new(GateStorage::new());
+    Qcow2Create::new(8 << 20)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    let img = Qcow2Open::storage(s.clone())
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    (s, img)
+}
+
+/// An allocating write writes its data without the metadata lock; a second write to the same
+/// cluster waits for its commit, writes to other clusters do not, and the result is one
+/// write's data or the other's, never a mix, with clean refcounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_cluster_being_allocated_wait_for_its_commit() {
+    let (s, img) = gated_image().await;
+    s.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let a = tokio::spawn({
+        let img = img.clone();
+        async move { img.write(1 << 20, &vec![0xaa; 65536]).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!a.is_finished(), "the first write waits at the gate");
+    // Another cluster (4 KiB: not gated) goes through while the first allocation is pending.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        img.write(3 << 20, &[0x33; 4096]),
+    )
+    .await
+    .expect("a write to another cluster must not wait for the pending allocation")
+    .unwrap();
+    // A write to the pending cluster waits for it.
+    let b = tokio::spawn({
+        let img = img.clone();
+        async move { img.write((1 << 20) + 4096, &[0xbb; 4096]).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !b.is_finished(),
+        "a write to the cluster being allocated waits"
+    );
+    s.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    s.gate.add_permits(1);
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    let mut got = vec![0u8; 65536];
+    img.read(1 << 20, &mut got).await.unwrap();
+    let mut want = vec![0xaa; 65536];
+    want[4096..8192].fill(0xbb);
+    assert!(
+        got == want,
+        "the second write lands after the first one's commit"
+    );
+    img.flush().await.unwrap();
+    let report = check(s.as_ref(), Repair::None).await.unwrap();
+    assert_eq!((report.corruptions, report.leaks), (0, 0), "{report:?}");
+}
+
+/// An allocating write abandoned between allocation and commit (its future dropped, as by
+/// a timeout) clears its pending mark: later writes to the cluster do not hang, and the only
+/// cost is a leaked cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_allocating_write_does_not_block_the_cluster() {
+    let (s, img) = gated_image().await;
+    s.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let abandoned = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        img.write(1 << 20, &vec![0xaa; 65536]),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the gated write cannot finish");
+    s.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        img.write(1 << 20, &vec![0xbb; 65536]),
+    )
+    .await
+    .expect("the cluster of an abandoned write must not stay blocked")
+    .unwrap();
+    let mut got = vec![0u8; 65536];
+    img.read(1 << 20, &mut got).await.unwrap();
+    assert!(got.iter().all(|&b| b == 0xbb));
+    img.flush().await.unwrap();
+    let report = check(s.as_ref(), Repair::None).await.unwrap();
+    assert_eq!(report.corruptions, 0, "{report:?}");
+    assert_eq!(
+        report.leaks, 1,
+        "the abandoned allocation leaks one cluster: {report:?}"
+    );
+}

@@ -28,6 +28,7 @@ impl Source {
                 FileStorageOpen::new(p)
                     .writable(opts.writable)
                     .direct(opts.direct)
+                    .no_sync(opts.no_sync)
                     .open()
                     .await?,
             )),
@@ -50,6 +51,7 @@ impl Source {
 pub struct OpenOptions {
     pub(crate) writable: bool,
     pub(crate) direct: bool,
+    pub(crate) no_sync: bool,
     pub(crate) policy: ImplicitOpenPolicy,
     pub(crate) backing: Option<Image>,
     pub(crate) data_file: Option<Arc<dyn Storage>>,
@@ -64,6 +66,7 @@ impl Default for OpenOptions {
         OpenOptions {
             writable: false,
             direct: false,
+            no_sync: false,
             policy: ImplicitOpenPolicy::default(),
             backing: None,
             data_file: None,
@@ -123,6 +126,15 @@ impl OpenOptions {
     /// Bypass the host page cache (`O_DIRECT`) for files this open creates.
     pub fn direct(mut self, direct: bool) -> Self {
         self.direct = direct;
+        self
+    }
+
+    /// Ignore sync requests for files this open creates (QEMU's `cache=unsafe`, the
+    /// default of `qemu-img convert` for its target): flushes still write all metadata to
+    /// the kernel in order, so a killed process loses nothing, but nothing waits for the
+    /// disk, and a host crash or power loss can lose or corrupt the image.
+    pub fn no_sync(mut self, no_sync: bool) -> Self {
+        self.no_sync = no_sync;
         self
     }
 
@@ -200,6 +212,12 @@ impl ImageOpen {
         self
     }
 
+    /// Ignore sync requests (see [`OpenOptions::no_sync`]).
+    pub fn no_sync(mut self, no_sync: bool) -> Self {
+        self.opts = self.opts.no_sync(no_sync);
+        self
+    }
+
     /// Replaces all options at once.
     pub fn options(mut self, opts: OpenOptions) -> Self {
         self.opts = opts;
@@ -257,6 +275,7 @@ fn policy_request<'a>(
         named_by,
         writable,
         direct: opts.direct,
+        no_sync: opts.no_sync,
     }
 }
 
@@ -442,6 +461,12 @@ macro_rules! format_open_builder {
             /// Bypass the host page cache (`O_DIRECT`).
             pub fn direct(mut self, direct: bool) -> Self {
                 self.opts = self.opts.direct(direct);
+                self
+            }
+
+            /// Ignore sync requests (see [`OpenOptions::no_sync`](crate::format::OpenOptions::no_sync)).
+            pub fn no_sync(mut self, no_sync: bool) -> Self {
+                self.opts = self.opts.no_sync(no_sync);
                 self
             }
 

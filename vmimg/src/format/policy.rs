@@ -44,6 +44,8 @@ pub struct ImplicitOpenRequest<'a> {
     pub writable: bool,
     /// Whether direct I/O was asked for.
     pub direct: bool,
+    /// Whether sync requests are to be ignored (`cache=unsafe`).
+    pub no_sync: bool,
 }
 
 /// What a custom policy decides.
@@ -125,6 +127,7 @@ impl ImplicitOpenPolicy {
                 let storage = FileStorageOpen::new(req.path)
                     .writable(req.writable)
                     .direct(req.direct)
+                    .no_sync(req.no_sync)
                     .open()
                     .await?;
                 Ok(Arc::new(storage))
@@ -161,6 +164,7 @@ mod tests {
             named_by: Some(Path::new("/images/top.qcow2")),
             writable: false,
             direct: false,
+            no_sync: false,
         }
     }
 

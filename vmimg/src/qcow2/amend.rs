@@ -118,7 +118,7 @@ impl Qcow2Driver {
 
     /// Rewrites the header after `edit` (metadata flushed first).
     async fn edit_header(&self, edit: impl FnOnce(&mut Header) -> Result<()>) -> Result<()> {
-        let mut meta = self.meta.lock().await;
+        let mut meta = self.lock_quiesced().await;
         self.prepare(&mut meta).await?;
         self.flush_locked(&mut meta, true).await?;
         let mut h = meta.header.clone();
@@ -130,7 +130,7 @@ impl Qcow2Driver {
     }
 
     async fn change_refcount_order(&self, order: u32) -> Result<()> {
-        let mut meta = self.meta.lock().await;
+        let mut meta = self.lock_quiesced().await;
         self.prepare(&mut meta).await?;
         if meta.header.refcount_order == order {
             return Ok(());

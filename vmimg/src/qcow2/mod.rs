@@ -90,6 +90,8 @@ pub struct Qcow2Driver {
     amended: std::sync::atomic::AtomicBool,
     /// In-place writes still landing (see `flush`).
     inflight: Arc<write::InFlight>,
+    /// Guest clusters with an allocating write in flight.
+    pending: write::PendingAllocs,
     meta: Arc<tokio::sync::Mutex<write::Meta>>,
     /// QEMU's "metadata preallocation" guess, made on the first status query: only then are
     /// holes under data clusters reported as zeros.
@@ -238,6 +240,7 @@ impl Qcow2Driver {
             corrupt: std::sync::atomic::AtomicBool::new(false),
             amended: std::sync::atomic::AtomicBool::new(false),
             inflight: Arc::default(),
+            pending: write::PendingAllocs::default(),
             meta: Arc::new(tokio::sync::Mutex::new(write::Meta::new(header.clone()))),
             metadata_prealloc: tokio::sync::OnceCell::new(),
             cache: L2Cache::new(tables),

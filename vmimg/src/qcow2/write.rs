@@ -2,10 +2,12 @@
 //! order that keeps the image consistent after a crash at any point.
 //!
 //! ```text
-//!  allocating write (metadata lock held throughout):
-//!    refcounts += new clusters (cached) -> COW head/tail of partial clusters
-//!    -> guest data written by the caller -> commit: L2 entries updated (cached, dirty)
-//!    -> old clusters released
+//!  allocating write:
+//!    [metadata lock] refcounts += new clusters (cached) -> COW head/tail of partial
+//!      clusters -> guest clusters marked pending
+//!    [no lock] guest data written by the caller (other writes run meanwhile)
+//!    [metadata lock] commit: L2 entries updated (cached, dirty) -> old clusters released
+//!      -> pending mark removed
 //!  flush:  refcount blocks -> sync -> L2 tables -> sync -> L1 table -> sync -> header
 //! ```
 //! Refcounts reach the disk before any L2 entry that uses their clusters, L2 tables before
@@ -75,6 +77,56 @@ impl InFlight {
             }
             notified.await;
         }
+    }
+}
+
+/// Guest clusters with an allocating write in flight: new host clusters are allocated and
+/// the data is being written, but the L2 entries still show the old state. Nothing else may
+/// change those clusters (or their entries) until the write commits or is dropped.
+#[derive(Debug, Default)]
+pub struct PendingAllocs {
+    /// Half-open guest cluster index ranges.
+    ranges: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Woken whenever a range is removed.
+    done: tokio::sync::Notify,
+}
+
+impl PendingAllocs {
+    /// The first pending guest cluster in `[first, end)`.
+    fn first_in(&self, first: u64, end: u64) -> Option<u64> {
+        self.ranges
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, b)| *a < end && *b > first)
+            .map(|(a, _)| (*a).max(first))
+            .min()
+    }
+
+    fn add(&self, first: u64, n: u64) {
+        self.ranges.lock().unwrap().push((first, first + n));
+    }
+
+    fn remove(&self, first: u64) {
+        let mut ranges = self.ranges.lock().unwrap();
+        if let Some(i) = ranges.iter().position(|(a, _)| *a == first) {
+            ranges.swap_remove(i);
+        }
+        drop(ranges);
+        self.done.notify_waiters();
+    }
+}
+
+/// Marks guest clusters pending while their allocating write is in flight; dropping it (on
+/// commit, or when the write is abandoned) clears the mark and wakes waiters.
+struct PendingGuard<'a> {
+    pending: &'a PendingAllocs,
+    first: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.remove(self.first);
     }
 }
 
@@ -148,6 +200,28 @@ type MetaGuard = OwnedMutexGuard<Meta>;
 impl Qcow2Driver {
     fn has_data_file(&self) -> bool {
         self.header.has_data_file()
+    }
+
+    /// Takes the metadata lock once no allocating write is in flight on guest clusters
+    /// `[first, end)` (`0..u64::MAX`: anywhere in the image).
+    pub(super) async fn lock_clear(&self, first: u64, end: u64) -> MetaGuard {
+        loop {
+            // Listen before looking: a range removed after the check still wakes us.
+            let done = self.pending.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let meta = Arc::clone(&self.meta).lock_owned().await;
+            if self.pending.first_in(first, end).is_none() {
+                return meta;
+            }
+            drop(meta);
+            done.await;
+        }
+    }
+
+    /// The metadata lock with no allocating write in flight anywhere.
+    pub(super) async fn lock_quiesced(&self) -> MetaGuard {
+        self.lock_clear(0, u64::MAX).await
     }
 
     /// Loads refcounts and clears autoclear bits this code does not maintain, before the
@@ -471,12 +545,17 @@ impl Qcow2Driver {
         len: u64,
         below: ChainView<'a>,
     ) -> Result<WriteTarget<'a>> {
-        let mut meta: MetaGuard = Arc::clone(&self.meta).lock_owned().await;
-        self.prepare(&mut meta).await?;
         let g = self.geometry;
         let cs = g.cluster_size();
+        let first_cluster = offset / cs;
+        let mut meta: MetaGuard = self.lock_clear(first_cluster, first_cluster + 1).await;
+        self.prepare(&mut meta).await?;
         let coverage_end = (offset / g.l2_coverage() + 1) * g.l2_coverage();
-        let end = (offset + len).min(coverage_end);
+        let mut end = (offset + len).min(coverage_end);
+        // Stop before the next cluster another allocating write is filling.
+        if let Some(c) = self.pending.first_in(first_cluster + 1, end.div_ceil(cs)) {
+            end = end.min(c * cs);
+        }
         let cluster = g.guest_cluster(GuestOffset(offset));
         let l1_index = g.l1_index(cluster) as usize;
         let table = self.writable_l2(&mut meta, l1_index).await?;
@@ -613,9 +692,17 @@ impl Qcow2Driver {
             }
         }
 
+        // The data is written without the metadata lock: other writes (and flushes) run
+        // meanwhile, and the pending mark keeps them off these clusters until the commit.
+        self.pending.add(first_cluster, n);
+        let pending = PendingGuard {
+            pending: &self.pending,
+            first: first_cluster,
+        };
+        drop(meta);
         let commit: WriteCommit<'a> = Box::new(move || {
             Box::pin(async move {
-                let mut meta = meta;
+                let mut meta = Arc::clone(&self.meta).lock_owned().await;
                 for k in 0..n {
                     let i = first_index + k as usize;
                     let old = table.entry(i);
@@ -639,6 +726,7 @@ impl Qcow2Driver {
                         self.release_entry(&mut meta, old, false).await?;
                     }
                 }
+                drop(pending);
                 drop(meta);
                 Ok(())
             })
@@ -756,7 +844,7 @@ impl Qcow2Driver {
             Ok(data) => data,
             Err(_) => return self.write_buf(offset, buf, below).await,
         };
-        let mut meta = Arc::clone(&self.meta).lock_owned().await;
+        let mut meta = self.lock_clear(offset / cs, offset / cs + 1).await;
         self.prepare(&mut meta).await?;
         let cluster = g.guest_cluster(GuestOffset(offset));
         let table = self
@@ -804,9 +892,10 @@ impl Qcow2Driver {
         new: impl FnOnce(L2Entry) -> (L2Entry, bool),
         punch: bool,
     ) -> Result<()> {
-        let mut meta = Arc::clone(&self.meta).lock_owned().await;
-        self.prepare(&mut meta).await?;
         let g = self.geometry;
+        let c = offset / g.cluster_size();
+        let mut meta = self.lock_clear(c, c + 1).await;
+        self.prepare(&mut meta).await?;
         let cluster = g.guest_cluster(GuestOffset(offset));
         let table = self
             .writable_l2(&mut meta, g.l1_index(cluster) as usize)
@@ -1170,7 +1259,7 @@ impl Qcow2Driver {
         if new_size < old {
             // Release every cluster wholly past the new end, visiting only existing tables,
             // then the L2 tables past it.
-            let mut meta = Arc::clone(&self.meta).lock_owned().await;
+            let mut meta = self.lock_quiesced().await;
             self.prepare(&mut meta).await?;
             let first_cluster = new_size.div_ceil(cs);
             let l1_len = self.l1.read().unwrap().len() as u64;
@@ -1226,7 +1315,7 @@ impl Qcow2Driver {
             return self.flush_locked(&mut meta, true).await;
         }
         {
-            let mut meta = Arc::clone(&self.meta).lock_owned().await;
+            let mut meta = self.lock_quiesced().await;
             self.prepare(&mut meta).await?;
             let needed = g.l1_entries_for(new_size).unwrap_or(u64::MAX);
             if needed > self.l1.read().unwrap().len() as u64 {
@@ -1289,7 +1378,7 @@ impl Qcow2Driver {
                 "an image with a raw external data file cannot have a backing file",
             ));
         }
-        let mut meta = self.meta.lock().await;
+        let mut meta = self.lock_quiesced().await;
         self.prepare(&mut meta).await?;
         // Metadata first, so the header never names a backing file for half-written tables.
         self.flush_locked(&mut meta, true).await?;

@@ -40,6 +40,7 @@ pub struct FileStorageOpen {
     writable: bool,
     direct: bool,
     create: bool,
+    no_sync: bool,
 }
 
 impl FileStorageOpen {
@@ -50,6 +51,7 @@ impl FileStorageOpen {
             writable: false,
             direct: false,
             create: false,
+            no_sync: false,
         }
     }
 
@@ -63,6 +65,14 @@ impl FileStorageOpen {
     /// [`Storage::request_align`]; the image layer above takes care of that.
     pub fn direct(mut self, direct: bool) -> Self {
         self.direct = direct;
+        self
+    }
+
+    /// Ignore sync requests (QEMU's `cache=unsafe`): data still reaches the kernel with
+    /// every write, so a killed process loses nothing, but a host crash or power loss can
+    /// lose or corrupt what was written. For scratch output such as a conversion target.
+    pub fn no_sync(mut self, no_sync: bool) -> Self {
+        self.no_sync = no_sync;
         self
     }
 
@@ -131,6 +141,7 @@ impl FileStorageOpen {
             path: self.path,
             writable: self.writable,
             direct: self.direct,
+            no_sync: self.no_sync,
             mem_align,
             request_align,
         })
@@ -144,6 +155,8 @@ pub struct FileStorage {
     path: PathBuf,
     writable: bool,
     direct: bool,
+    /// Sync requests are ignored (`cache=unsafe`).
+    no_sync: bool,
     mem_align: usize,
     request_align: usize,
     /// Whether the `RWF_NOWAIT` read fast path is worth trying (buffered files where the
@@ -190,6 +203,55 @@ impl FileStorage {
             .await
             .map_err(|e| self.ctx(e, op, offset))
     }
+}
+
+/// Buffered requests at least this large skip the pool's bounce buffer on a multi-threaded
+/// runtime: the worker does the system call itself, inside `block_in_place` (the runtime
+/// moves its other tasks to another thread meanwhile). The copy saved is worth the thread
+/// hand-over only for large requests.
+const IN_PLACE_MIN: usize = 128 << 10;
+
+/// Whether `tokio::task::block_in_place` may be used here.
+fn can_block_in_place() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Reads into `bufs`, from `skip` bytes into them, at `offset` (the file offset of that
+/// point); the part past end of file is zero-filled.
+fn read_into(
+    file: &File,
+    bufs: &mut [IoSliceMut<'_>],
+    mut skip: usize,
+    offset: u64,
+) -> io::Result<()> {
+    let mut at = offset;
+    for b in bufs.iter_mut() {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let piece = &mut b[skip..];
+        read_full(file, piece, at)?;
+        at += piece.len() as u64;
+        skip = 0;
+    }
+    Ok(())
+}
+
+/// Writes `bufs`, from `skip` bytes into them, at `offset`.
+fn write_from(file: &File, bufs: &[IoSlice<'_>], mut skip: usize, offset: u64) -> io::Result<()> {
+    let mut at = offset;
+    for b in bufs {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        file.write_all_at(&b[skip..], at)?;
+        at += (b.len() - skip) as u64;
+        skip = 0;
+    }
+    Ok(())
 }
 
 /// Runs a blocking closure on tokio's blocking pool.
@@ -388,6 +450,10 @@ impl Storage for FileStorage {
             // The rest (all of it, or what the page cache did not hold) goes to the pool.
             let rest = len - done;
             let rest_off = offset + done as u64;
+            if !self.direct && rest >= IN_PLACE_MIN && can_block_in_place() {
+                return tokio::task::block_in_place(|| read_into(&self.file, bufs, done, rest_off))
+                    .map_err(|e| self.ctx(e.into(), "read", rest_off));
+            }
             let mut buf = POOL.get(rest);
             let buf = self
                 .run("read", rest_off, move |f| {
@@ -419,6 +485,12 @@ impl Storage for FileStorage {
                 }
             }
             let rest_off = offset + done as u64;
+            if !self.direct && len - done >= IN_PLACE_MIN && can_block_in_place() {
+                return tokio::task::block_in_place(|| {
+                    write_from(&self.file, bufs, done, rest_off)
+                })
+                .map_err(|e| self.ctx(e.into(), "write", rest_off));
+            }
             let mut buf = POOL.get(len - done);
             gather(bufs, done, &mut buf);
             let buf = self
@@ -471,6 +543,9 @@ impl Storage for FileStorage {
     }
 
     fn sync(&self) -> BoxFuture<'_, Result<()>> {
+        if self.no_sync {
+            return Box::pin(async { Ok(()) });
+        }
         Box::pin(self.run("sync", 0, |f| Ok(f.sync_data()?)))
     }
 
@@ -547,6 +622,17 @@ mod tests {
 
     #[tokio::test]
     async fn vectored_read_of_data_not_in_page_cache_is_served_by_the_pool() {
+        cold_vectored_read_and_large_writes().await;
+    }
+
+    /// On a multi-threaded runtime large requests skip the bounce buffer (`block_in_place`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_requests_on_a_multi_threaded_runtime_are_done_in_place() {
+        assert!(can_block_in_place());
+        cold_vectored_read_and_large_writes().await;
+    }
+
+    async fn cold_vectored_read_and_large_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.bin");
         let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
@@ -567,5 +653,27 @@ mod tests {
         s.readv(0, &mut iov).await.unwrap();
         assert!(a[..] == data[..300 << 10]);
         assert!(b[..] == data[300 << 10..]);
+
+        // A large vectored write past the end, then a cold read straddling the end of file.
+        let w = FileStorageOpen::new(&path)
+            .writable(true)
+            .open()
+            .await
+            .unwrap();
+        let x: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let y: Vec<u8> = (0..100_000u32).map(|i| (i % 239) as u8).collect();
+        w.writev((1 << 20) - 1000, &[IoSlice::new(&x), IoSlice::new(&y)])
+            .await
+            .unwrap();
+        let end = (1u64 << 20) - 1000 + 300_000;
+        assert_eq!(w.size().unwrap(), end);
+        let mut got = vec![0xaau8; 400_000];
+        s.read_at(end - 300_000, &mut got).await.unwrap();
+        assert!(got[..200_000] == x[..]);
+        assert!(got[200_000..300_000] == y[..]);
+        assert!(
+            got[300_000..].iter().all(|&v| v == 0),
+            "past end of file: zeros"
+        );
     }
 }
