@@ -13,6 +13,8 @@ use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
 
 /// Size of one copy job.
 const CHUNK: u64 = 2 << 20;
+/// Size of one `convert -c` job.
+const COMPRESS_CHUNK: u64 = 512 << 10;
 /// Longest range asked of block_status at once.
 const STATUS_SPAN: u64 = 1 << 30;
 
@@ -395,7 +397,9 @@ async fn compressed_copy(
     show_progress: bool,
 ) -> Result<(), Error> {
     let cs = dst.cluster_size().unwrap_or(65536);
-    let chunk = CHUNK.max(cs) / cs * cs;
+    // Smaller pieces than a plain copy's: compression, not I/O, sets the pace, and the
+    // jobs' buffers are most of the memory used.
+    let chunk = COMPRESS_CHUNK.max(cs) / cs * cs;
     let bar = show_progress.then(|| ProgressBar::new(total));
     let mut set: JoinSet<Result<u64, Error>> = JoinSet::new();
     let mut off = 0u64;

@@ -30,22 +30,50 @@ pub enum DecompressError {
     },
 }
 
-/// Runs CPU-heavy (de)compression on the blocking pool, at most eight jobs per core at once,
-/// so a large request over many compressed clusters neither stalls the executor nor spawns
-/// hundreds of threads.
+/// Runs CPU-heavy (de)compression on this crate's CPU threads (one per core, started on
+/// first use), never on an executor thread. Jobs queue without limit (callers bound their
+/// own concurrency), so the threads stay busy while work is queued, and each keeps its
+/// (de)compression contexts: memory grows with the number of cores, not with the number of
+/// requests or of tokio's blocking threads.
 pub async fn run_cpu<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> crate::Result<T> {
-    static SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        tokio::sync::Semaphore::new(cores * 8)
+    type Job = Box<dyn FnOnce() + Send>;
+    static QUEUE: std::sync::LazyLock<std::sync::mpsc::Sender<Job>> =
+        std::sync::LazyLock::new(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            for i in 0..cores {
+                let rx = std::sync::Arc::clone(&rx);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("vmimg-cpu-{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    });
+                if spawned.is_err() && i > 0 {
+                    break; // Fewer threads than cores still work.
+                }
+            }
+            tx
+        });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        // A panic drops `tx`: the caller gets an error, and the thread lives on.
+        if let Ok(v) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let _ = tx.send(v);
+        }
     });
-    let _slot = SLOTS.acquire().await.map_err(|e| {
-        crate::Error::new(crate::ErrorKind::Io, "compression pool closed").with_source(e)
-    })?;
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        crate::Error::new(crate::ErrorKind::Io, "compression task failed").with_source(e)
-    })
+    let failed = || crate::Error::new(crate::ErrorKind::Io, "compression task failed");
+    QUEUE.send(job).map_err(|_| failed())?;
+    rx.await.map_err(|_| failed())
 }
 
 /// Compresses one cluster for storage; `None` when the result would not be smaller than
@@ -59,10 +87,18 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
             out.truncate(n);
             Some(out)
         }),
-        CompressionType::Zstd => {
-            let out = zstd::bulk::compress(input, ZSTD_LEVEL).ok()?;
-            (out.len() <= limit).then_some(out)
-        }
+        CompressionType::Zstd => ZSTD_C.with(|cell| {
+            // One context per thread: creating one per cluster cost more than compressing.
+            let mut slot = cell.borrow_mut();
+            let c = match slot.as_mut() {
+                Some(c) => c,
+                None => slot.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok()?),
+            };
+            // Output that would not fit in `limit` bytes fails, and is stored plain.
+            let mut out = Vec::with_capacity(limit);
+            c.compress_to_buffer(input, &mut out).ok()?;
+            Some(out)
+        }),
     }
 }
 
@@ -76,6 +112,7 @@ thread_local! {
     static INFLATE: RefCell<libdeflater::Decompressor> =
         RefCell::new(libdeflater::Decompressor::new());
     static ZSTD: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+    static ZSTD_C: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
 }
 
 /// Decodes `input` into exactly `out.len()` bytes.
