@@ -14,7 +14,7 @@ use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
 /// Size of one copy job.
 const CHUNK: u64 = 2 << 20;
 /// Size of one `convert -c` job.
-const COMPRESS_CHUNK: u64 = 512 << 10;
+const COMPRESS_CHUNK: u64 = 128 << 10;
 /// Longest range asked of block_status at once.
 const STATUS_SPAN: u64 = 1 << 30;
 

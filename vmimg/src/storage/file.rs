@@ -30,8 +30,9 @@ const DEFAULT_DIO_ALIGN: usize = 4096;
 /// Largest piece written at once when zeros have to be written out by hand.
 const ZERO_CHUNK: usize = 1 << 20;
 
-/// Buffers shared by all file storages: page-aligned, at most 64 MiB idle per size class.
-static POOL: LazyLock<BufPool> = LazyLock::new(|| BufPool::new(4096, 64 << 20));
+/// Buffers shared by all file storages: page-aligned, at most 4 MiB idle per size class
+/// (idle buffers are peak memory that no request uses).
+static POOL: LazyLock<BufPool> = LazyLock::new(|| BufPool::new(4096, 4 << 20));
 
 /// Builder for [`FileStorage`].
 #[derive(Clone, Debug)]
