@@ -59,6 +59,11 @@ struct Block {
     dirty: bool,
 }
 
+/// Length of the prefix of `table` that holds every non-empty entry.
+fn used_len(table: &[u64]) -> usize {
+    table.iter().rposition(|&e| e != 0).map_or(0, |i| i + 1)
+}
+
 /// The refcount structure of one image, with a cache of refcount blocks.
 pub struct Refcounts {
     geometry: Geometry,
@@ -66,6 +71,9 @@ pub struct Refcounts {
     reftable_offset: u64,
     reftable_clusters: u64,
     reftable: Vec<u64>,
+    /// Entries of `reftable` up to its last non-empty one (the rest are all empty), so
+    /// scans over the blocks cost what the image uses, not the table's size.
+    reftable_used: usize,
     reftable_dirty: bool,
     blocks: HashMap<u64, Block>,
     /// No cluster below this index is free (a search hint, not a promise beyond the hint).
@@ -114,7 +122,7 @@ impl Refcounts {
         let bytes = u64::from(reftable_clusters) * geometry.cluster_size();
         let mut raw = vec![0u8; bytes as usize];
         file.read_at(reftable_offset, &mut raw).await?;
-        let reftable = raw
+        let reftable: Vec<u64> = raw
             .chunks_exact(8)
             .map(|w| u64::from_be_bytes(w.try_into().expect("8 bytes")))
             .collect();
@@ -123,6 +131,7 @@ impl Refcounts {
             order,
             reftable_offset,
             reftable_clusters: u64::from(reftable_clusters),
+            reftable_used: used_len(&reftable),
             reftable,
             reftable_dirty: false,
             blocks: HashMap::new(),
@@ -300,6 +309,7 @@ impl Refcounts {
         self.blocks
             .insert(home_offset, Block { bytes, dirty: true });
         self.reftable[index as usize] = home_offset;
+        self.reftable_used = self.reftable_used.max(index as usize + 1);
         self.reftable_dirty = true;
     }
 
@@ -406,6 +416,7 @@ impl Refcounts {
             );
             table[index as usize] = home << bits;
         }
+        self.reftable_used = used_len(&table);
         let old = std::mem::replace(&mut self.reftable, table);
         for c in start..end {
             self.set_existing(file, c, 1).await?;
@@ -592,6 +603,7 @@ impl Refcounts {
             reftable: (0..t * cs / 8)
                 .map(|i| if i < b { (blocks_at + i) << bits } else { 0 })
                 .collect(),
+            reftable_used: b as usize,
             reftable_dirty: false,
             blocks: HashMap::new(),
             free_hint: 0,
@@ -608,7 +620,7 @@ impl Refcounts {
     /// A cluster in `range` that holds a refcount block, if any.
     pub fn block_in(&self, range: &std::ops::Range<u64>) -> Option<u64> {
         let bits = self.geometry.cluster_bits();
-        self.reftable
+        self.reftable[..self.reftable_used]
             .iter()
             .map(|e| (e & REFTABLE_OFFSET_MASK) >> bits)
             .find(|c| *c != 0 && range.contains(c))
