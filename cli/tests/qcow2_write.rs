@@ -285,6 +285,48 @@ fn convert_to_qcow2_passes_check_and_compare_for_several_layouts() {
 }
 
 #[test]
+fn convert_cache_modes_all_give_the_same_image_and_bad_modes_are_refused() {
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    varied_source(&src);
+    for (i, (t, src_t)) in [
+        ("unsafe", "writeback"),
+        ("writeback", "none"),
+        ("writethrough", "writeback"),
+        ("none", "writeback"),
+        ("directsync", "writeback"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("out{i}.qcow2"));
+        vmimg([
+            "convert",
+            "-t",
+            t,
+            "-T",
+            src_t,
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&src),
+            s(&out),
+        ])
+        .ok();
+        qemu_img(["check", "-f", "qcow2", s(&out)]).ok();
+        qemu_img(["compare", "-f", "raw", "-F", "qcow2", s(&src), s(&out)]).ok();
+    }
+    let out = dir.path().join("bad.qcow2");
+    let r = vmimg(["convert", "-t", "bogus", "-O", "qcow2", s(&src), s(&out)]).expect_status(1);
+    assert!(
+        r.stderr.contains("Invalid cache option: bogus"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn convert_c_output_is_readable_by_qemu_and_within_10_percent_of_its_size() {
     let dir = tempdir();
     let src = dir.path().join("src.raw");

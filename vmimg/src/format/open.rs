@@ -5,7 +5,7 @@ use super::{
 };
 use crate::qcow2::{self, Qcow2Driver, Qcow2Params};
 use crate::raw::RawDriver;
-use crate::storage::{FileStorageOpen, Storage};
+use crate::storage::{AlignedStorage, FileStorageOpen, Storage};
 use crate::{Error, ErrorKind, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,14 +24,16 @@ impl Source {
     /// Opens the source (a path becomes a [`FileStorage`](crate::storage::FileStorage)).
     pub(crate) async fn open(&self, opts: &OpenOptions) -> Result<Arc<dyn Storage>> {
         match self {
-            Source::Path(p) => Ok(Arc::new(
+            // Format drivers read and write metadata at any offset: O_DIRECT files get
+            // their requests aligned for them.
+            Source::Path(p) => Ok(AlignedStorage::wrap(Arc::new(
                 FileStorageOpen::new(p)
                     .writable(opts.writable)
                     .direct(opts.direct)
                     .no_sync(opts.no_sync)
                     .open()
                     .await?,
-            )),
+            ))),
             Source::Storage(s) => {
                 if opts.writable && !s.is_writable() {
                     return Err(Error::new(

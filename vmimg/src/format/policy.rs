@@ -5,7 +5,7 @@
 //! this object, which the caller chooses: [`ImplicitOpenPolicy::permissive`] (qemu-img's
 //! behaviour), [`ImplicitOpenPolicy::deny`] (untrusted images), or a custom decision.
 
-use crate::storage::{FileStorageOpen, Storage};
+use crate::storage::{AlignedStorage, FileStorageOpen, Storage};
 use crate::{Error, ErrorKind, Result};
 use std::fmt;
 use std::path::Path;
@@ -130,7 +130,7 @@ impl ImplicitOpenPolicy {
                     .no_sync(req.no_sync)
                     .open()
                     .await?;
-                Ok(Arc::new(storage))
+                Ok(AlignedStorage::wrap(Arc::new(storage)))
             }
             PolicyDecision::Use(storage) => Ok(storage),
             PolicyDecision::Deny(reason) => {

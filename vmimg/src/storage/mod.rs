@@ -19,12 +19,14 @@
 //! - [`Storage::flush`] pushes caches held by this process down to the operating system;
 //!   [`Storage::sync`] makes everything written so far durable.
 
+mod aligned;
 mod fault;
 mod file;
 mod memory;
 mod null;
 mod sys;
 
+pub use aligned::AlignedStorage;
 pub use fault::{FaultKind, FaultOp, FaultStorage};
 pub use file::{FileStorage, FileStorageOpen};
 pub use memory::MemoryStorage;
