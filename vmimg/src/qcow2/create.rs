@@ -226,7 +226,8 @@ impl Qcow2Create {
                 "The image size is too large for the cluster size (L1 table would exceed 32 MiB)",
             ));
         }
-        let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+        // A zero-size disk has no L1 table at all (offset 0), as QEMU creates it.
+        let l1_clusters = (l1_size * 8).div_ceil(cs);
         // A raw data file must read as the guest disk on its own, so every cluster is mapped
         // to its own offset from the start (QEMU preallocates metadata for it too).
         let prealloc = self.prealloc != PreallocMode::Off || self.data_file_raw;
@@ -280,7 +281,7 @@ impl Qcow2Create {
             size: self.size,
             crypt_method: 0,
             l1_size: l1_size as u32,
-            l1_table_offset: l1_at * cs,
+            l1_table_offset: if l1_clusters == 0 { 0 } else { l1_at * cs },
             refcount_table_offset: reftable_at * cs,
             refcount_table_clusters: r as u32,
             nb_snapshots: 0,
@@ -338,7 +339,9 @@ impl Qcow2Create {
             let at = (i * 8) as usize;
             l1[at..at + 8].copy_from_slice(&(((l2_at + i) * cs) | COPIED).to_be_bytes());
         }
-        file.write_at(l1_at * cs, &l1).await?;
+        if !l1.is_empty() {
+            file.write_at(l1_at * cs, &l1).await?;
+        }
 
         if prealloc {
             let entry_bytes: u64 = if self.extended_l2 { 16 } else { 8 };

@@ -369,6 +369,15 @@ impl Qcow2Driver {
         Ok((first, pos.min(max_end) - offset))
     }
 
+    /// Drops cached decompressed clusters whose compressed bytes overlap host bytes
+    /// `[host, host + len)` (freed, or about to hold other compressed data).
+    pub(super) fn forget_decompressed(&self, host: u64, len: u64) {
+        self.decompressed.lock().unwrap().retain(|(d, _)| {
+            let (h, l) = l2::compressed_extent(self.geometry, *d);
+            h + l <= host || host + len <= h
+        });
+    }
+
     async fn decompressed_cluster(&self, descriptor: u64) -> Result<Arc<Vec<u8>>> {
         if let Some((_, c)) = self
             .decompressed

@@ -390,6 +390,8 @@ impl Qcow2Driver {
         if e.entry & l2::COMPRESSED != 0 {
             let (host, len) =
                 l2::compressed_extent(self.geometry, e.entry & !(COPIED | l2::COMPRESSED));
+            // The bytes may be reused: a cached copy keyed by this extent must go.
+            self.forget_decompressed(host, len);
             let cs = self.geometry.cluster_size();
             let first = host / cs;
             let last = (host + len - 1) / cs;
@@ -779,7 +781,17 @@ impl Qcow2Driver {
     /// take (one more reference to each), else at the start of a new cluster.
     async fn alloc_bytes(&self, meta: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.geometry.cluster_size();
-        if let Some(fb) = meta.free_byte.filter(|fb| fb % cs != 0) {
+        let mut packing = meta.free_byte.filter(|fb| fb % cs != 0);
+        if let Some(fb) = packing {
+            // A cluster whose refcount is at the width's maximum takes no more users: narrow
+            // refcounts (1 to 4 bits) fill up after a few compressed clusters.
+            let rc = meta.refcounts();
+            let max = rc.max_refcount();
+            if rc.get(self.file.as_ref(), fb / cs).await? >= max {
+                packing = None;
+            }
+        }
+        if let Some(fb) = packing {
             let c = fb / cs;
             if fb % cs + n <= cs {
                 self.add_ref(meta, c).await?;
@@ -851,6 +863,7 @@ impl Qcow2Driver {
             .writable_l2(&mut meta, g.l1_index(cluster) as usize)
             .await?;
         let host = self.alloc_bytes(&mut meta, data.len() as u64).await?;
+        self.forget_decompressed(host, data.len() as u64);
         self.file.write_at(host, &data).await?;
         let x = 62 - (g.cluster_bits() - 8);
         let extra_sectors = (host + data.len() as u64 - 1) / 512 - host / 512;
