@@ -84,9 +84,10 @@ pub struct Refcounts {
     /// them is on disk, the disk may still map guest data to them: they are not handed out
     /// again before [`Refcounts::end_quarantine`].
     quarantine: std::collections::HashSet<u64>,
-    /// Refcounts lowered since the last complete flush, with their value before the first
-    /// decrease: until the L2/L1 change that dropped the reference is on disk, the blocks
-    /// are written with these older values (a crash then leaks, never under-counts).
+    /// Refcounts lowered since the last complete flush, with the sum of their decreases:
+    /// until the L2/L1 changes that dropped the references are on disk, the blocks are
+    /// written with the current value plus that sum (a crash then leaks, never
+    /// under-counts).
     decreased: HashMap<u64, u64>,
 }
 
@@ -278,7 +279,7 @@ impl Refcounts {
         set_entry(&mut b.bytes, order, cluster % epb, value);
         b.dirty = true;
         if value < old {
-            self.decreased.entry(cluster).or_insert(old);
+            *self.decreased.entry(cluster).or_insert(0) += old - value;
         }
         if value == 0 {
             self.quarantine.insert(cluster);
@@ -468,9 +469,17 @@ impl Refcounts {
         let epb = self.entries_per_block();
         let mut held: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
         if hold_decreases {
-            for (&c, &old) in &self.decreased {
-                if let Some(block) = self.block_offset(c / epb)? {
-                    held.entry(block).or_default().push((c % epb, old));
+            let max = self.max_refcount();
+            for (&c, &pending) in &self.decreased {
+                let block = self.block_offset(c / epb)?;
+                if let Some(b) = block.and_then(|o| self.blocks.get(&o)) {
+                    let block = block.expect("looked up above");
+                    // Tables on disk may still hold every reference dropped since the last
+                    // complete flush, on top of the current ones (increments made after a
+                    // decrease count too): write the sum.
+                    let current = get_entry(&b.bytes, self.order, c % epb);
+                    let safe = current.saturating_add(pending).min(max);
+                    held.entry(block).or_default().push((c % epb, safe));
                 }
             }
         }

@@ -1321,6 +1321,10 @@ impl Qcow2Driver {
                 self.unref_cluster(&mut meta, e & L1_OFFSET_MASK, true)
                     .await?;
             }
+            // The tables that stopped mapping the cut clusters reach the disk before the
+            // header shows the new size: a crash in between must not leave the new size
+            // with old mappings past it (a later grow would expose them).
+            self.flush_locked(&mut meta, true).await?;
             meta.header.size = new_size;
             self.write_header(&meta.header).await?;
             self.size
@@ -1334,17 +1338,14 @@ impl Qcow2Driver {
             if needed > self.l1.read().unwrap().len() as u64 {
                 self.grow_l1(&mut meta, needed).await?;
             }
-            meta.header.size = new_size;
-            self.write_header(&meta.header).await?;
-            self.file.sync().await?;
-            self.size
-                .store(new_size, std::sync::atomic::Ordering::Release);
         }
         // The new space must read as zeros: the tail of the old last cluster may hold stale
         // bytes (in any of its subclusters), and a larger backing file would show through
         // unallocated clusters. Zero from the old end to the end of its cluster, or to the
         // end of the backing data if that is further; skip only what is unallocated with
-        // nothing below.
+        // nothing below. This happens while the size is still the old one (no one else
+        // writes or reads there) and is made durable before the header shows the new
+        // size, so neither a racing reader nor a crash can see what was there.
         let tail_end = (old.div_ceil(cs) * cs).min(new_size);
         let below_end = below.size().min(new_size);
         let zero_end = tail_end.max(below_end);
@@ -1358,7 +1359,17 @@ impl Qcow2Driver {
             if needs {
                 self.write_zeroes_impl(old, zero_end - old, false, below)
                     .await?;
+                self.flush_impl(true).await?;
             }
+        }
+        {
+            let mut meta = self.lock_quiesced().await;
+            self.prepare(&mut meta).await?;
+            meta.header.size = new_size;
+            self.write_header(&meta.header).await?;
+            self.file.sync().await?;
+            self.size
+                .store(new_size, std::sync::atomic::Ordering::Release);
         }
         if matches!(
             prealloc,
