@@ -2,10 +2,20 @@
 # Generates the seed corpora of the fuzz targets with qemu-img and qemu-io:
 #   corpus/qcow2_open_read/  small whole images of many kinds
 #   corpus/qcow2_header/     the first 4 KiB of each
+#   corpus/qcow2_model/      random operation lists (any bytes decode to a valid one)
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
 set -euo pipefail
 
 cd "$(dirname "$0")"
+
+# qcow2_model decodes any input into creation options and operations; random seeds of a few
+# sizes (the bigger, the more operations) get it past tiny inputs at once.
+model=corpus/qcow2_model
+mkdir -p "$model"
+for i in $(seq 1 24); do
+    [ -e "$model/seed$i" ] || head -c $((64 + i * 60)) /dev/urandom > "$model/seed$i"
+done
+
 for tool in qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "make-corpus.sh: $tool not found (apt-get install qemu-utils)" >&2; exit 1; }
 done
