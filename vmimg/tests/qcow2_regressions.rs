@@ -1,10 +1,13 @@
 //! Minimal reproductions of bugs the crash simulation (`qcow2_crash.rs`) and the resize race
 //! (`qcow2_concurrency.rs`) found: compressed clusters, refcounts held back across a flush,
-//! and resizes.
+//! and resizes. Each test names the code that was wrong (`Was:`, fixed since) or still is
+//! (`Bug:`).
 //!
-//! Some need the image as a crash would leave it in the middle of an operation: the storage
-//! below keeps a copy of its bytes at every sync it is asked for (a crash just before that
-//! sync, with every write issued so far landed).
+//! Some need the image as a crash would leave it in the middle of an operation: the storages
+//! below keep, at every sync they are asked for, a copy of their bytes (a crash just before
+//! that sync, with every write issued so far landed) or a set of crash images (a crash just
+//! before that sync, with a random subset of the writes since the previous one landed, some
+//! torn).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex};
@@ -78,6 +81,74 @@ impl Storage for SyncSnapshots {
     }
 }
 
+/// A [`FaultStorage`] that keeps 32 crash images at every sync.
+#[derive(Debug, Default)]
+struct CrashesAtSyncs {
+    fault: FaultStorage,
+    images: Mutex<Vec<Vec<u8>>>,
+}
+
+impl CrashesAtSyncs {
+    fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.images.lock().unwrap())
+    }
+}
+
+impl Storage for CrashesAtSyncs {
+    fn size(&self) -> vmimg::Result<u64> {
+        self.fault.size()
+    }
+    fn mem_align(&self) -> usize {
+        1
+    }
+    fn request_align(&self) -> usize {
+        1
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+    fn readv<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a mut [IoSliceMut<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        self.fault.readv(offset, bufs)
+    }
+    fn writev<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a [IoSlice<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        self.fault.writev(offset, bufs)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.fault.write_zeroes(offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.fault.discard(offset, len)
+    }
+    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.fault.flush()
+    }
+    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        let mut images = self.images.lock().unwrap();
+        images.extend((0..32).map(|seed| self.fault.crash_image(seed)));
+        drop(images);
+        self.fault.sync()
+    }
+    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.fault.resize(new_size, prealloc)
+    }
+    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
+        self.fault.extent(offset, max_len)
+    }
+}
+
 const CS: u64 = 64 << 10;
 
 async fn open(s: Arc<dyn Storage>) -> Image {
@@ -91,7 +162,7 @@ fn no_corruption(report: &CheckReport) -> bool {
 /// A compressed cluster whose data lands where a freed compressed cluster's data was, with
 /// the same length, must read as its own data (not as the freed cluster's).
 ///
-/// Bug: `Qcow2Driver::decompressed_cluster` (qcow2/mod.rs) caches decompressed clusters by
+/// Was: `Qcow2Driver::decompressed_cluster` (qcow2/mod.rs) caches decompressed clusters by
 /// L2 descriptor (host offset and sector count) and nothing drops an entry when the cluster
 /// is freed (`release_entry`) or a new one is written (`write_compressed_impl`,
 /// qcow2/write.rs), so the new cluster reads (and copies on write) the old content.
@@ -137,7 +208,7 @@ async fn compressed_cluster_written_where_a_freed_one_was_reads_its_own_data() {
 /// compressed data to the refcount maximum takes no more references (QEMU's
 /// `qcow2_alloc_bytes` then starts a new cluster).
 ///
-/// Bug: `Qcow2Driver::alloc_bytes` (qcow2/write.rs) adds a reference to the cluster it packs
+/// Was: `Qcow2Driver::alloc_bytes` (qcow2/write.rs) adds a reference to the cluster it packs
 /// into without looking at the maximum, so with 1- or 4-bit refcounts `write_compressed`
 /// fails ("refcount of cluster ... would exceed the 1-bit maximum", Unsupported) as soon as
 /// two (or sixteen) compressed clusters share a host cluster.
@@ -171,7 +242,7 @@ async fn compressed_writes_work_with_narrow_refcounts() {
 /// disk hold, also for a host cluster that lost a reference and then gained two in one
 /// flush interval (compressed clusters packed into one host cluster).
 ///
-/// Bug: `Refcounts::write_dirty_blocks` (qcow2/refcount.rs), while holding back decreases
+/// Was: `Refcounts::write_dirty_blocks` (qcow2/refcount.rs), while holding back decreases
 /// until the tables that dropped the references are on disk, writes each lowered entry with
 /// its value from before the first decrease (`decreased`, recorded in `set_existing`),
 /// dropping the increments made after it. Here the host cluster goes 2 -> 1 -> 3; the block
@@ -218,7 +289,7 @@ async fn refcounts_on_disk_cover_the_references_on_disk_at_every_sync() {
 /// middle of a cluster must not come back when a grow over them survives a crash and the
 /// zeroing of the old last cluster's tail does not.
 ///
-/// Bug: `Qcow2Driver::resize_impl` (qcow2/write.rs), growing, writes the header with the new
+/// Was: `Qcow2Driver::resize_impl` (qcow2/write.rs), growing, writes the header with the new
 /// size and syncs it (and publishes the size in memory) before zeroing `[old end, end of its
 /// cluster)` with `write_zeroes_impl`, whose writes are not durable when the resize returns
 /// (here an in-place write of zeros into the allocated last cluster). The tail must be zeroed
@@ -262,7 +333,7 @@ async fn a_grow_never_shows_bytes_a_synced_shrink_cut_off_even_after_a_crash() {
 /// tables on disk still map clusters past it: growing the image again would show their old
 /// data.
 ///
-/// Bug: `Qcow2Driver::resize_impl` (qcow2/write.rs), shrinking, writes the header with the
+/// Was: `Qcow2Driver::resize_impl` (qcow2/write.rs), shrinking, writes the header with the
 /// new size before `flush_locked` writes the L2 tables that no longer map the clusters past
 /// it (it only flushes first for L2 tables it drops whole). The final flush syncs the header
 /// together with the refcount blocks, before the L2 tables are written: a crash at that sync
@@ -308,5 +379,72 @@ async fn a_crash_inside_a_shrink_leaves_nothing_mapped_past_the_new_end() {
         );
         crashed.flush().await.unwrap();
     }
+    img.flush().await.unwrap();
+}
+
+/// With narrow refcounts, a host cluster that lost a reference in this flush interval takes
+/// no more references than its refcount can count together with the lost one: until the
+/// table that dropped it is on disk, a crash can leave both on disk.
+///
+/// Bug: `Refcounts::write_dirty_blocks` (qcow2/refcount.rs) holds a lowered refcount back at
+/// `current + pending decreases`, clamped to the width's maximum, and
+/// `Qcow2Driver::alloc_bytes` (qcow2/write.rs) packs one more compressed cluster into the
+/// host cluster while `current < max`, ignoring the pending decreases. Here (4-bit
+/// refcounts, maximum 15) the host cluster goes 14 (synced) -> 13 (copy-on-write of one of
+/// its compressed clusters) -> 15 (two more packed into it, from another L2 table); the
+/// block is written with min(15 + 1, 15) = 15, and a crash that lands the second table but
+/// not the first leaves 16 references on disk: check reports "ERROR: overflow cluster".
+/// `alloc_bytes` must count the pending decreases against the maximum (start a new cluster
+/// when `current + pending >= max`).
+#[tokio::test]
+async fn narrow_refcounts_never_overflow_on_disk_when_a_cluster_is_freed_and_reused() {
+    const CS: u64 = 4096;
+    let s = Arc::new(CrashesAtSyncs::default());
+    Qcow2Create::new(8 << 20)
+        .cluster_size(CS)
+        .refcount_bits(4)
+        .create_on(s.as_ref(), None)
+        .await
+        .unwrap();
+    let img = open(s.clone()).await;
+    // Fourteen compressed clusters packed into one host cluster (L2 table 0), and a second
+    // L2 table (for [4 MiB, 6 MiB)) on disk already.
+    for i in 0..14u64 {
+        img.write_compressed(i * CS, &vec![i as u8 + 1; CS as usize])
+            .await
+            .unwrap();
+    }
+    img.write((6 << 20) - CS, &[7; 100]).await.unwrap();
+    img.sync().await.unwrap();
+    // One reference dropped (table 0), two added (the other table).
+    img.write(0, &[9; 100]).await.unwrap();
+    for k in 0..2u64 {
+        img.write_compressed((4 << 20) + k * CS, &vec![0x20 + k as u8; CS as usize])
+            .await
+            .unwrap();
+    }
+    s.take();
+    img.sync().await.unwrap();
+    let images = s.take();
+    assert!(!images.is_empty());
+    for (i, bytes) in images.into_iter().enumerate() {
+        let m = MemoryStorage::from_bytes(&bytes);
+        let report = check(&m, Repair::None).await.unwrap();
+        assert!(
+            no_corruption(&report),
+            "crash image {i} (sync {}, seed {}): {:#?}",
+            i / 32,
+            i % 32,
+            report
+                .messages
+                .iter()
+                .filter(|m| !m.starts_with("Leaked"))
+                .collect::<Vec<_>>()
+        );
+    }
+    // The image itself reads as written.
+    let mut buf = vec![0u8; CS as usize];
+    img.read(4 << 20, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0x20));
     img.flush().await.unwrap();
 }

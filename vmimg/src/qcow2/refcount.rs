@@ -287,6 +287,12 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Sum of the decreases of `cluster`'s refcount not yet on disk: tables on disk may still
+    /// hold that many references beyond the current count.
+    pub fn pending_decrease(&self, cluster: u64) -> u64 {
+        self.decreased.get(&cluster).copied().unwrap_or(0)
+    }
+
     /// Makes the clusters freed since the last complete flush allocatable again (call once
     /// the metadata that stopped using them is durable).
     pub fn end_quarantine(&mut self) {

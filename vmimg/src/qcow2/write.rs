@@ -784,10 +784,17 @@ impl Qcow2Driver {
         let mut packing = meta.free_byte.filter(|fb| fb % cs != 0);
         if let Some(fb) = packing {
             // A cluster whose refcount is at the width's maximum takes no more users: narrow
-            // refcounts (1 to 4 bits) fill up after a few compressed clusters.
+            // refcounts (1 to 4 bits) fill up after a few compressed clusters. References
+            // dropped since the last flush still count: tables on disk may hold them.
             let rc = meta.refcounts();
             let max = rc.max_refcount();
-            if rc.get(self.file.as_ref(), fb / cs).await? >= max {
+            let pending = rc.pending_decrease(fb / cs);
+            if rc
+                .get(self.file.as_ref(), fb / cs)
+                .await?
+                .saturating_add(pending)
+                >= max
+            {
                 packing = None;
             }
         }
