@@ -477,9 +477,8 @@ impl Refcounts {
         if hold_decreases {
             let max = self.max_refcount();
             for (&c, &pending) in &self.decreased {
-                let block = self.block_offset(c / epb)?;
-                if let Some(b) = block.and_then(|o| self.blocks.get(&o)) {
-                    let block = block.expect("looked up above");
+                let cached = self.block_offset(c / epb)?;
+                if let Some((block, b)) = cached.and_then(|o| Some((o, self.blocks.get(&o)?))) {
                     // Tables on disk may still hold every reference dropped since the last
                     // complete flush, on top of the current ones (increments made after a
                     // decrease count too): write the sum.
