@@ -10,6 +10,8 @@
 //! | `memory`        | [`MemoryStorage::new`]   |
 //! | `file_buffered` | [`FileStorageOpen`]      |
 //! | `file_direct`   | [`FileStorageOpen`] with `O_DIRECT` (fails if no directory supports it) |
+//! | `file_inline`   | [`FileStorageOpen`] with `inline_io` (system calls on the caller's thread) |
+//! | `file_direct_inline` | both                |
 //! | `null`          | [`NullStorage::new`]     |
 //!
 //! Checks keep offsets and lengths multiples of `request_align()` (rounding odd sizes up with
@@ -109,6 +111,37 @@ async fn file_buffered() -> Subject {
         storage: Arc::new(storage),
         caps: file_caps(dir.path(), false),
         _dir: Some(dir),
+    }
+}
+
+async fn file_inline() -> Subject {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let storage = FileStorageOpen::new(dir.path().join(FILE_NAME))
+        .create(true)
+        .inline_io(true)
+        .open()
+        .await
+        .expect("create an inline-I/O file storage");
+    Subject {
+        storage: Arc::new(storage),
+        caps: file_caps(dir.path(), false),
+        _dir: Some(dir),
+    }
+}
+
+async fn file_direct_inline() -> Subject {
+    let direct = file_direct().await;
+    let path = direct.storage.path().unwrap().to_path_buf();
+    let storage = FileStorageOpen::new(&path)
+        .writable(true)
+        .direct(true)
+        .inline_io(true)
+        .open()
+        .await
+        .expect("reopen the O_DIRECT file with inline I/O");
+    Subject {
+        storage: Arc::new(storage),
+        ..direct
     }
 }
 
@@ -803,6 +836,86 @@ async fn resolve_name_follows_the_file(s: &dyn Storage, caps: &Caps) {
     }
 }
 
+/// Writes larger than the file storage's per-system-call piece (64 KiB through the page
+/// cache) at an odd offset, from uneven vectors, read back whole and around the edges.
+async fn large_writes_roundtrip(s: Arc<dyn Storage>, caps: &Caps) {
+    let a = align(s.as_ref());
+    let off = up(65_536 - 777, a);
+    let len = up((3 << 20) + 4321, a) as usize;
+    let data = pattern(7, off, len);
+    let lens = [up(65_537, a) as usize, 1, up(1 << 20, a) as usize, 3];
+    s.writev(off, &split(&data, &lens)).await.unwrap();
+    assert_eq!(s.size().unwrap(), off + len as u64, "size after the write");
+    assert_bytes(
+        &read_vec(s.as_ref(), off, len).await,
+        &stored(caps, &data),
+        "large write read back",
+    );
+    // One more, overlapping the first one's tail, from a single slice.
+    let off2 = off + len as u64 - up(100_000, a);
+    let data2 = pattern(8, off2, len);
+    s.write_at(off2, &data2).await.unwrap();
+    let mut expected = vec![0u8; off as usize];
+    expected.extend_from_slice(&data[..(off2 - off) as usize]);
+    expected.extend_from_slice(&data2);
+    assert_bytes(
+        &read_vec(s.as_ref(), 0, expected.len()).await,
+        &stored(caps, &expected),
+        "overlapping large writes",
+    );
+}
+
+/// Tasks growing the storage at once, half by writing data and half by zeroing (with and
+/// without unmapping) their own blocks past the end: no zeroing may cut a racing write
+/// short, and every block ends up as its task left it.
+async fn concurrent_zeroes_and_writes_past_end(s: Arc<dyn Storage>, caps: &Caps) {
+    const TASKS: u64 = 32;
+    const ROUNDS: u64 = 20;
+    let blk = align(s.as_ref()).max(4096);
+    for round in 0..ROUNDS {
+        let base = round * TASKS * blk;
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS as usize));
+        let mut tasks = Vec::new();
+        for i in 0..TASKS {
+            let s = Arc::clone(&s);
+            let barrier = Arc::clone(&barrier);
+            tasks.push(tokio::spawn(async move {
+                let at = base + i * blk;
+                barrier.wait().await;
+                match i % 4 {
+                    0 => s.write_zeroes(at, blk, true).await.unwrap(),
+                    1 => s.write_zeroes(at, blk, false).await.unwrap(),
+                    _ => s
+                        .write_at(at, &pattern(i + round, at, blk as usize))
+                        .await
+                        .unwrap(),
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+    }
+    let end = ROUNDS * TASKS * blk;
+    assert!(
+        s.size().unwrap() >= end - 2 * blk,
+        "size after concurrent growth"
+    );
+    let all = read_vec(s.as_ref(), 0, end as usize).await;
+    for round in 0..ROUNDS {
+        for i in 0..TASKS {
+            let at = (round * TASKS + i) * blk;
+            let got = &all[at as usize..(at + blk) as usize];
+            let expected = if i % 4 < 2 {
+                vec![0u8; blk as usize]
+            } else {
+                stored(caps, &pattern(i + round, at, blk as usize))
+            };
+            assert_bytes(got, &expected, &format!("round {round}, block of task {i}"));
+        }
+    }
+}
+
 /// 64 tasks write distinct blocks at once (growing the storage in random order), each reads
 /// its own block back, and afterwards every block holds its writer's pattern.
 async fn concurrent_block_writes(s: Arc<dyn Storage>, caps: &Caps) {
@@ -879,16 +992,21 @@ conformance! {
         memory_write_then_read_roundtrips = memory,
         file_buffered_write_then_read_roundtrips = file_buffered,
         file_direct_write_then_read_roundtrips = file_direct,
+        file_inline_write_then_read_roundtrips = file_inline,
+        file_direct_inline_write_then_read_roundtrips = file_direct_inline,
         null_write_then_read_roundtrips = null;
     reads_past_end_return_zeros:
         memory_reads_past_end_return_zeros = memory,
         file_buffered_reads_past_end_return_zeros = file_buffered,
         file_direct_reads_past_end_return_zeros = file_direct,
+        file_inline_reads_past_end_return_zeros = file_inline,
+        file_direct_inline_reads_past_end_return_zeros = file_direct_inline,
         null_reads_past_end_return_zeros = null;
     writes_past_end_grow_size:
         memory_writes_past_end_grow_size = memory,
         file_buffered_writes_past_end_grow_size = file_buffered,
         file_direct_writes_past_end_grow_size = file_direct,
+        file_inline_writes_past_end_grow_size = file_inline,
         null_writes_past_end_grow_size = null;
     write_zeroes_unmap_reads_zeros_keeps_neighbours:
         memory_write_zeroes_unmap_reads_zeros_keeps_neighbours = memory,
@@ -944,6 +1062,7 @@ conformance! {
         memory_alignment_is_reported_and_enforced = memory,
         file_buffered_alignment_is_reported_and_enforced = file_buffered,
         file_direct_alignment_is_reported_and_enforced = file_direct,
+        file_direct_inline_alignment_is_reported_and_enforced = file_direct_inline,
         null_alignment_is_reported_and_enforced = null;
     resolve_name_follows_the_file:
         memory_resolve_name_follows_the_file = memory,
@@ -957,5 +1076,20 @@ conformance_mt! {
         memory_concurrent_block_writes = memory,
         file_buffered_concurrent_block_writes = file_buffered,
         file_direct_concurrent_block_writes = file_direct,
+        file_inline_concurrent_block_writes = file_inline,
+        file_direct_inline_concurrent_block_writes = file_direct_inline,
         null_concurrent_block_writes = null;
+    concurrent_zeroes_and_writes_past_end:
+        memory_concurrent_zeroes_and_writes_past_end = memory,
+        file_buffered_concurrent_zeroes_and_writes_past_end = file_buffered,
+        file_direct_concurrent_zeroes_and_writes_past_end = file_direct,
+        file_inline_concurrent_zeroes_and_writes_past_end = file_inline,
+        null_concurrent_zeroes_and_writes_past_end = null;
+    large_writes_roundtrip:
+        memory_large_writes_roundtrip = memory,
+        file_buffered_large_writes_roundtrip = file_buffered,
+        file_direct_large_writes_roundtrip = file_direct,
+        file_inline_large_writes_roundtrip = file_inline,
+        file_direct_inline_large_writes_roundtrip = file_direct_inline,
+        null_large_writes_roundtrip = null;
 }

@@ -31,6 +31,7 @@ impl Source {
                     .writable(opts.writable)
                     .direct(opts.direct)
                     .no_sync(opts.no_sync)
+                    .inline_io(opts.inline_io)
                     .open()
                     .await?,
             ))),
@@ -54,6 +55,7 @@ pub struct OpenOptions {
     pub(crate) writable: bool,
     pub(crate) direct: bool,
     pub(crate) no_sync: bool,
+    pub(crate) inline_io: bool,
     pub(crate) policy: ImplicitOpenPolicy,
     pub(crate) backing: Option<Image>,
     pub(crate) data_file: Option<Arc<dyn Storage>>,
@@ -69,6 +71,7 @@ impl Default for OpenOptions {
             writable: false,
             direct: false,
             no_sync: false,
+            inline_io: false,
             policy: ImplicitOpenPolicy::default(),
             backing: None,
             data_file: None,
@@ -137,6 +140,15 @@ impl OpenOptions {
     /// disk, and a host crash or power loss can lose or corrupt the image.
     pub fn no_sync(mut self, no_sync: bool) -> Self {
         self.no_sync = no_sync;
+        self
+    }
+
+    /// Do file reads and writes on the calling thread for files this open creates (see
+    /// [`FileStorageOpen::inline_io`](crate::storage::FileStorageOpen::inline_io)): faster
+    /// bulk copies, at the price of stalling a runtime worker while a request waits for
+    /// the disk.
+    pub fn inline_io(mut self, inline_io: bool) -> Self {
+        self.inline_io = inline_io;
         self
     }
 
@@ -220,6 +232,12 @@ impl ImageOpen {
         self
     }
 
+    /// Do file I/O on the calling thread (see [`OpenOptions::inline_io`]).
+    pub fn inline_io(mut self, inline_io: bool) -> Self {
+        self.opts = self.opts.inline_io(inline_io);
+        self
+    }
+
     /// Replaces all options at once.
     pub fn options(mut self, opts: OpenOptions) -> Self {
         self.opts = opts;
@@ -278,6 +296,7 @@ fn policy_request<'a>(
         writable,
         direct: opts.direct,
         no_sync: opts.no_sync,
+        inline_io: opts.inline_io,
     }
 }
 
@@ -469,6 +488,12 @@ macro_rules! format_open_builder {
             /// Ignore sync requests (see [`OpenOptions::no_sync`](crate::format::OpenOptions::no_sync)).
             pub fn no_sync(mut self, no_sync: bool) -> Self {
                 self.opts = self.opts.no_sync(no_sync);
+                self
+            }
+
+            /// Do file I/O on the calling thread (see [`OpenOptions::inline_io`](crate::format::OpenOptions::inline_io)).
+            pub fn inline_io(mut self, inline_io: bool) -> Self {
+                self.opts = self.opts.inline_io(inline_io);
                 self
             }
 

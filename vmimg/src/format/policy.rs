@@ -46,6 +46,8 @@ pub struct ImplicitOpenRequest<'a> {
     pub direct: bool,
     /// Whether sync requests are to be ignored (`cache=unsafe`).
     pub no_sync: bool,
+    /// Whether file I/O is to run on the calling thread (`OpenOptions::inline_io`).
+    pub inline_io: bool,
 }
 
 /// What a custom policy decides.
@@ -128,6 +130,7 @@ impl ImplicitOpenPolicy {
                     .writable(req.writable)
                     .direct(req.direct)
                     .no_sync(req.no_sync)
+                    .inline_io(req.inline_io)
                     .open()
                     .await?;
                 Ok(AlignedStorage::wrap(Arc::new(storage)))
@@ -165,6 +168,7 @@ mod tests {
             writable: false,
             direct: false,
             no_sync: false,
+            inline_io: false,
         }
     }
 
