@@ -139,6 +139,9 @@ pub struct Meta {
     prepared: bool,
     /// Next free byte in the host cluster that compressed data is being packed into.
     free_byte: Option<u64>,
+    /// Length the image file is to have by the next flush: the end of the last run of new
+    /// clusters whose zero tail was left unwritten (0: nothing due).
+    file_end_due: u64,
 }
 
 impl Meta {
@@ -150,6 +153,7 @@ impl Meta {
             l1_dirty: false,
             prepared: false,
             free_byte: None,
+            file_end_due: 0,
         }
     }
 
@@ -684,6 +688,7 @@ impl Qcow2Driver {
             last_start + cs
         };
         let tail_end = tail_limit.min(size.div_ceil(512) * 512).max(run_end);
+        let mut covered = run_end;
         if run_end < tail_end {
             let mut tail = vec![0u8; (tail_end - run_end) as usize];
             self.read_own(run_end, &mut tail, below).await?;
@@ -691,7 +696,15 @@ impl Qcow2Driver {
                 self.data
                     .write_at(new_host + (run_end - c_start), &tail)
                     .await?;
+                covered = tail_end;
             }
+        }
+        if fresh_space && covered < c_start + n * cs {
+            // The rest of the new run reads as zeros already. As in QEMU, it becomes part of
+            // the file all the same (so the file ends on a cluster boundary, like qemu-img's
+            // output to the byte), but only at the next flush: one resize then instead of
+            // a system call for every allocating write.
+            meta.file_end_due = meta.file_end_due.max(new_host + n * cs);
         }
 
         // The data is written without the metadata lock: other writes (and flushes) run
@@ -1135,6 +1148,21 @@ impl Qcow2Driver {
             return Ok(());
         }
         let mut meta = self.meta.lock().await;
+        if meta.file_end_due == 0 {
+            return self.flush_locked(&mut meta, durable).await;
+        }
+        // Growing the file must not race a data write past its end (a racing resize could
+        // cut it short): wait until none is in flight.
+        drop(meta);
+        let mut meta = self.lock_quiesced().await;
+        self.inflight.wait_idle().await;
+        let due = std::mem::take(&mut meta.file_end_due);
+        if due > self.file.size()? {
+            if let Err(e) = self.file.resize(due, PreallocMode::Off).await {
+                meta.file_end_due = due;
+                return Err(e);
+            }
+        }
         self.flush_locked(&mut meta, durable).await
     }
 
