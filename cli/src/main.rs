@@ -13,6 +13,7 @@ mod io;
 mod map;
 mod measure;
 mod resize;
+mod serve;
 mod size;
 mod snapshot;
 
@@ -67,6 +68,8 @@ enum Cmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Check (and repair) the consistency of an image (like `qemu-img check`).
     Check(check::CheckArgs),
+    /// Export an image over NBD (like `qemu-nbd`).
+    Serve(serve::ServeArgs),
 }
 
 /// The result every command returns: an exit status, or an error.
@@ -144,7 +147,10 @@ fn main() -> ExitCode {
         Cmd::Compare(_) => 2,
         _ => 1,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_io()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("vmimg: cannot start the runtime: {e}");
@@ -168,6 +174,7 @@ fn main() -> ExitCode {
             Cmd::Rebase(a) => chain::rebase(a).await,
             Cmd::Snapshot(a) => snapshot::run(a).await,
             Cmd::Check(a) => check::run(a).await,
+            Cmd::Serve(a) => serve::run(a).await,
         }
     });
     match result {

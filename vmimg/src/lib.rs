@@ -36,6 +36,7 @@
 mod error;
 pub mod format;
 pub mod io_buf;
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
