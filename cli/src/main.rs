@@ -148,7 +148,7 @@ fn main() -> ExitCode {
         _ => 1,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_io()
+        .enable_all()
         .build()
     {
         Ok(rt) => rt,

@@ -2,10 +2,9 @@
 
 use crate::{cache_mode, open_image_with, usage_error, CmdResult};
 use clap::Args;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use vmimg::nbd::{NbdExport, NbdServer};
 use vmimg::{Error, OpenOptions};
 
@@ -65,91 +64,116 @@ pub async fn run(args: ServeArgs) -> CmdResult {
     let export = NbdExport::new(args.name.clone(), image.clone())
         .description(args.description.clone())
         .read_only(args.read_only)
-        .trim(trim);
+        .trim(trim)
+        // Clients may open several connections only if they will all be accepted.
+        .multi_conn(args.shared != 1);
     let server = NbdServer::new().export(export);
 
     let listener = match &args.socket {
-        Some(path) => Listener::Unix(
-            UnixListener::bind(path).map_err(|e| {
-                Error::from(e)
-                    .with_operation("bind")
-                    .with_path(path.as_path())
-            })?,
-            path.clone(),
-        ),
+        Some(path) => Listener::Unix(bind_unix(path)?, path.clone()),
         None => Listener::Tcp(
             TcpListener::bind((args.bind.as_str(), args.port))
                 .await
                 .map_err(|e| Error::from(e).with_operation("bind"))?,
         ),
     };
-    let result = accept_loop(&listener, &server, &args).await;
-    // Whatever ended the loop, the image's metadata goes to the OS before exiting.
-    let flushed = image.flush().await;
+    let mut conns = JoinSet::new();
+    let result = accept_loop(&listener, &server, &args, &mut conns).await;
+    // No new clients; those connected finish their requests in flight (bounded wait).
     if let Listener::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);
     }
+    drop(listener);
+    server.shutdown();
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!("vmimg serve: clients still busy after 30 s; stopping them");
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+    }
+    // The image's metadata goes to the OS before exiting.
+    let flushed = image.flush().await;
     result.and(flushed).map(|()| 0)
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file (one nobody listens on,
+/// left by a killed server) but nothing else.
+fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
+    let err = |e: std::io::Error| Error::from(e).with_operation("bind").with_path(path);
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            use std::os::unix::fs::FileTypeExt;
+            let is_socket =
+                std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+                std::fs::remove_file(path).map_err(err)?;
+                UnixListener::bind(path).map_err(err)
+            } else {
+                Err(err(e))
+            }
+        }
+        r => r.map_err(err),
+    }
 }
 
 async fn accept_loop(
     listener: &Listener,
     server: &NbdServer,
     args: &ServeArgs,
+    conns: &mut JoinSet<bool>,
 ) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let sig = |kind| signal(kind).map_err(|e| Error::from(e).with_operation("signal"));
     let (mut term, mut int) = (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?);
-    let slots = Arc::new(Semaphore::new(if args.shared == 0 {
-        Semaphore::MAX_PERMITS
+    let limit = if args.shared == 0 {
+        usize::MAX
     } else {
         args.shared
-    }));
-    // One message per connection that ends: whether it got past the handshake.
-    let (ended_tx, mut ended) = mpsc::unbounded_channel::<bool>();
-    let mut active = 0usize;
-    let mut served = false;
+    };
     loop {
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("never closed"),
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            Some(negotiated) = ended.recv() => {
-                active -= 1;
-                served |= negotiated;
-                // Like qemu-nbd: without -t, exit once a client that got to use the
-                // export has left and no other is connected.
-                if served && active == 0 && !args.persistent {
-                    return Ok(());
-                }
-                continue;
-            }
+        // Like qemu-nbd: without -t, exit when a client that got to use the export leaves
+        // and no other is connected.
+        let ended = |r: Result<bool, tokio::task::JoinError>, conns: &JoinSet<bool>| {
+            let negotiated = r.unwrap_or(false);
+            negotiated && conns.is_empty() && !args.persistent
         };
-        let accepted = tokio::select! {
+        if conns.len() >= limit {
+            tokio::select! {
+                Some(r) = conns.join_next() => {
+                    if ended(r, conns) {
+                        return Ok(());
+                    }
+                }
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+            continue;
+        }
+        let conn = tokio::select! {
             a = accept(listener) => a,
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            Some(negotiated) = ended.recv() => {
-                active -= 1;
-                served |= negotiated;
-                // Like qemu-nbd: without -t, exit once a client that got to use the
-                // export has left and no other is connected.
-                if served && active == 0 && !args.persistent {
+            Some(r) = conns.join_next() => {
+                if ended(r, conns) {
                     return Ok(());
                 }
                 continue;
             }
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
         };
-        let conn = match accepted {
+        let conn = match conn {
             Ok(conn) => conn,
             Err(e) => {
+                // Out of file descriptors, say: wait a little rather than spin.
                 eprintln!("vmimg serve: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
-        active += 1;
-        let (server, ended_tx) = (server.clone(), ended_tx.clone());
-        tokio::spawn(async move {
+        let server = server.clone();
+        conns.spawn(async move {
             let (negotiated, r) = match conn {
                 Conn::Tcp(s) => {
                     let _ = s.set_nodelay(true);
@@ -160,8 +184,7 @@ async fn accept_loop(
             if let Err(e) = r {
                 eprintln!("vmimg serve: client: {e}");
             }
-            drop(slot);
-            let _ = ended_tx.send(negotiated);
+            negotiated
         });
     }
 }

@@ -303,3 +303,178 @@ fn bad_options_are_refused_before_listening() {
     assert_eq!(missing.status, 1);
     assert!(!dir.path().join("t.sock").exists());
 }
+
+/// `-e 2`: two clients at once, each seeing the other's writes (one image handle; the
+/// export then advertises multi-connection support).
+#[test]
+fn two_clients_at_once_share_the_image() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    sample(&img);
+    let server = Server::vmimg(
+        &dir.path().join("s.sock"),
+        &["-t", "-e", "2", "-f", "qcow2", s(&img)],
+    );
+    // qemu-io keeps its connection open while a second one writes and reads.
+    let mut first = Command::new(qemu_tool("qemu-io"))
+        .args(["-f", "raw", &server.uri()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut stdin = first.stdin.take().unwrap();
+    writeln!(stdin, "write -P 0x33 2M 64k").unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    qemu_io([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x33 2M 64k",
+        "-c",
+        "write -P 0x44 3M 4k",
+        &server.uri(),
+    ])
+    .ok();
+    writeln!(stdin, "read -P 0x44 3M 4k").unwrap();
+    drop(stdin);
+    let out = first.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("Pattern verification failed"), "{stdout}");
+    let (status, err) = server.stop();
+    assert_eq!(status, 0, "{err}");
+    qemu_io(["-f", "qcow2", "-c", "read -P 0x44 3M 4k", s(&img)]).ok();
+}
+
+/// SIGTERM while a client is writing: what the client was told is written survives, and
+/// the image is left clean (metadata flushed before exit).
+#[test]
+fn sigterm_during_writes_leaves_a_clean_image() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img), "256M"]).ok();
+    let server = Server::vmimg(&dir.path().join("s.sock"), &["-t", "-f", "qcow2", s(&img)]);
+    let mut writer = Command::new(qemu_tool("qemu-io"))
+        .args(["-f", "raw", &server.uri()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut stdin = writer.stdin.take().unwrap();
+    writeln!(stdin, "write -P 0x5a 0 8M").unwrap();
+    for i in 0..200u64 {
+        let _ = writeln!(stdin, "write -P 0x5b {} 64k", (8 << 20) + i * 131072);
+    }
+    let _ = stdin.flush();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, err) = server.stop();
+    assert_eq!(status, 0, "{err}");
+    drop(stdin);
+    let _ = writer.wait_with_output();
+    qemu_img(["check", "-f", "qcow2", s(&img)]).ok();
+}
+
+/// A socket file left by a killed server is replaced; a regular file in the way is not.
+#[test]
+fn a_stale_socket_is_replaced_but_other_files_are_not() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    sample(&img);
+    let sock = dir.path().join("s.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let server = Server::start(
+        vmimg_bin(),
+        &["serve", "-t", "-k", s(&sock), "-f", "qcow2", s(&img)],
+        &sock,
+    );
+    // The stale file existed before: wait until the server really listens.
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "not listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qemu_io(["-f", "raw", "-c", "read -P 0x11 0 64k", &server.uri()]).ok();
+    server.stop();
+
+    let file = dir.path().join("f.sock");
+    std::fs::write(&file, b"not a socket").unwrap();
+    let r = vmimg(["serve", "-k", s(&file), "-f", "qcow2", s(&img)]);
+    assert_eq!(r.status, 1, "{}", r.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a socket");
+}
+
+/// `--discard=unmap` carries out trims (the space is released); the default ignores them.
+#[test]
+fn discard_unmap_releases_space_and_ignore_keeps_it() {
+    let dir = tempdir();
+    for (mode, released) in [("unmap", true), ("ignore", false)] {
+        let img = dir.path().join(format!("{mode}.qcow2"));
+        sample(&img);
+        let sock = dir.path().join(format!("{mode}.sock"));
+        let server = Server::vmimg(&sock, &["-t", "--discard", mode, "-f", "qcow2", s(&img)]);
+        qemu_io(["-f", "raw", "-c", "discard 0 1M", &server.uri()]).ok();
+        server.stop();
+        let map = qemu_img(["map", "--output=json", "-f", "qcow2", s(&img)])
+            .ok()
+            .stdout;
+        let first = map.lines().next().unwrap().to_string();
+        assert_eq!(
+            !first.contains("\"data\": true"),
+            released,
+            "{mode}: first extent {first}"
+        );
+        qemu_img(["check", "-f", "qcow2", s(&img)]).ok();
+    }
+}
+
+/// TCP: qemu-img reaches the export as nbd://127.0.0.1:PORT.
+#[test]
+fn serves_over_tcp() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    sample(&img);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(vmimg_bin())
+        .args([
+            "serve",
+            "-t",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-f",
+            "qcow2",
+            s(&img),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited");
+        assert!(start.elapsed() < Duration::from_secs(20), "not listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd://127.0.0.1:{port}");
+    qemu_io(["-f", "raw", "-c", "read -P 0x22 9M 100k", &uri]).ok();
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let (status, err) = wait(child);
+    assert_eq!(status, 0, "{err}");
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub enum ErrorKind {
     /// The medium failed (EIO and friends).
     Io,
-    /// The medium is full (ENOSPC, EDQUOT).
+    /// The medium is full (ENOSPC, EDQUOT), or the file would grow past its limit (EFBIG).
     NoSpace,
     /// A file does not exist.
     NotFound,
@@ -50,7 +50,8 @@ impl ErrorKind {
         }
     }
 
-    fn describe(self) -> &'static str {
+    /// A short description of the kind ("no space left on device", ...).
+    pub fn describe(self) -> &'static str {
         match self {
             ErrorKind::Io => "I/O error",
             ErrorKind::NoSpace => "no space left on device",
@@ -109,7 +110,7 @@ impl Error {
     /// Wraps an operating-system error; its kind is derived from the errno.
     pub fn from_io(err: io::Error) -> Self {
         let kind = match err.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorKind::NoSpace,
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ErrorKind::NoSpace,
             Some(libc::EROFS) => ErrorKind::ReadOnly,
             Some(libc::EOPNOTSUPP) => ErrorKind::Unsupported,
             _ => ErrorKind::from(err.kind()),

@@ -9,10 +9,17 @@
 //!   (`NO_HOLE`), `BLOCK_STATUS` (`REQ_ONE`), the `FUA` flag; simple and structured replies.
 //!
 //! Requests run concurrently and are answered as they finish. Clients are not trusted: a
-//! request may carry at most [`MAX_PAYLOAD`] bytes, options at most [`MAX_OPTION`], and the
-//! payloads of requests in flight on one connection are bounded ([`MAX_IN_FLIGHT`]): memory
-//! stays bounded whatever a client sends. Malformed requests get `NBD_EINVAL` (or the error
-//! the protocol names), a broken request header ends the connection.
+//! request may carry at most [`MAX_PAYLOAD`] bytes, options at most [`MAX_OPTION`]; the
+//! payloads and replies of requests in flight on a connection are bounded
+//! ([`NbdServer::max_in_flight`]), so memory stays bounded whatever a client sends (a client
+//! that stops reading replies stalls only its own connection). Malformed requests get `NBD_EINVAL` (or the
+//! error the protocol names), a broken request header ends the connection, a handshake must
+//! finish within [`NbdServer::handshake_timeout`], and a reply that cannot be delivered
+//! within [`REPLY_TIMEOUT`] ends the connection. [`NbdServer::shutdown`] stops every
+//! connection after its requests in flight are answered. Error replies name the kind of
+//! failure only, never host paths.
+//!
+//! The server needs a tokio runtime with its I/O and time drivers (`enable_all`).
 //!
 //! ```no_run
 //! # async fn demo() -> vmimg::Result<()> {
@@ -32,9 +39,11 @@ use crate::format::{DiscardMode, Image};
 use crate::{Error, ErrorKind, Result};
 use proto::*;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinSet;
 
 /// Largest payload of one request (and of one read reply): 32 MiB, the protocol's
@@ -45,12 +54,18 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// answered with `NBD_REP_ERR_TOO_BIG`.
 pub const MAX_OPTION: u32 = 64 << 10;
 
-/// Payload bytes of requests in flight on one connection; the connection stops reading
-/// requests until earlier ones finish.
+/// Default bound on the payloads and replies of one connection's requests in flight; the
+/// connection stops reading requests until earlier ones are answered.
 pub const MAX_IN_FLIGHT: usize = 64 << 20;
 
-/// Most extents in one block-status reply.
-const MAX_EXTENTS: usize = 1 << 16;
+/// Longest a reply may take to reach a client that does not read.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most extents in one block-status reply (fewer than asked for are allowed).
+const MAX_EXTENTS: usize = 1 << 14;
+
+/// Budget units (KiB) a block-status request holds: its extents, twice (list and reply).
+const BLOCK_STATUS_COST: u32 = (MAX_EXTENTS * 16 / 1024) as u32;
 
 /// One image offered under a name.
 #[derive(Clone)]
@@ -60,6 +75,7 @@ pub struct NbdExport {
     image: Image,
     read_only: bool,
     trim: bool,
+    multi_conn: bool,
 }
 
 impl NbdExport {
@@ -71,6 +87,7 @@ impl NbdExport {
             read_only: !image.is_writable(),
             image,
             trim: false,
+            multi_conn: false,
         }
     }
 
@@ -93,6 +110,15 @@ impl NbdExport {
         self
     }
 
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN`: clients may spread requests over several
+    /// connections (all connections share this server's image handle and cache). Only
+    /// when the server accepts several clients at once: a client opening more connections
+    /// than are accepted would wait for them forever.
+    pub fn multi_conn(mut self, multi_conn: bool) -> Self {
+        self.multi_conn = multi_conn;
+        self
+    }
+
     /// The export's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -104,9 +130,10 @@ impl NbdExport {
             | FLAG_SEND_FUA
             | FLAG_SEND_TRIM
             | FLAG_SEND_WRITE_ZEROES
-            | FLAG_SEND_CACHE
-            // One image handle (and so one cache) serves every connection.
-            | FLAG_CAN_MULTI_CONN;
+            | FLAG_SEND_CACHE;
+        if self.multi_conn {
+            flags |= FLAG_CAN_MULTI_CONN;
+        }
         if self.read_only {
             flags |= FLAG_READ_ONLY;
         }
@@ -117,10 +144,26 @@ impl NbdExport {
     }
 }
 
-/// Serves a set of exports; cheap to clone, one clone per connection.
-#[derive(Clone, Default)]
+/// Serves a set of exports; cheap to clone, one clone per connection (clones share the
+/// shutdown switch).
+#[derive(Clone)]
 pub struct NbdServer {
     exports: Arc<Vec<NbdExport>>,
+    /// Budget of one connection's requests in flight, in KiB.
+    in_flight_kib: u32,
+    shutdown: watch::Sender<bool>,
+    handshake_timeout: Duration,
+}
+
+impl Default for NbdServer {
+    fn default() -> Self {
+        NbdServer {
+            exports: Arc::default(),
+            in_flight_kib: (MAX_IN_FLIGHT >> 10) as u32,
+            shutdown: watch::Sender::new(false),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 impl NbdServer {
@@ -132,6 +175,28 @@ impl NbdServer {
     /// Adds an export (a later export with the same name is never reached).
     pub fn export(mut self, export: NbdExport) -> Self {
         Arc::make_mut(&mut self.exports).push(export);
+        self
+    }
+
+    /// How long a client may take over the handshake before it is dropped (default 10 s,
+    /// as QEMU's server): a client that connects and says nothing holds no slot for ever.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Asks every connection (present and future) of this server and its clones to end:
+    /// handshakes are dropped; in transmission no new request is read, those in flight
+    /// are answered, and then the connection closes.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Bound on the bytes (payloads, read data, block-status replies) of one connection's
+    /// requests in flight (default [`MAX_IN_FLIGHT`]; at least 1 KiB). A request larger than
+    /// the bound runs alone.
+    pub fn max_in_flight(mut self, bytes: usize) -> Self {
+        self.in_flight_kib = (bytes >> 10).clamp(1, u32::MAX as usize) as u32;
         self
     }
 
@@ -159,10 +224,19 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        Ok(handshake(self, &mut stream)
-            .await
-            .map_err(net_err)?
-            .map(|session| NbdConnection { stream, session }))
+        let mut stop = self.shutdown.subscribe();
+        let session = tokio::select! {
+            r = tokio::time::timeout(self.handshake_timeout, handshake(self, &mut stream)) => {
+                r.map_err(|_| protocol_err("the client did not finish the handshake in time"))?
+                    .map_err(net_err)?
+            }
+            _ = stop.wait_for(|&stop| stop) => None,
+        };
+        Ok(session.map(|session| NbdConnection {
+            stream,
+            session,
+            server: self.clone(),
+        }))
     }
 }
 
@@ -170,6 +244,7 @@ impl NbdServer {
 pub struct NbdConnection<S> {
     stream: S,
     session: Session,
+    server: NbdServer,
 }
 
 impl<S> NbdConnection<S>
@@ -184,7 +259,7 @@ where
     /// Serves requests until the client disconnects. Requests in flight are finished (and
     /// answered) before it returns.
     pub async fn run(self) -> Result<()> {
-        transmission(self.stream, self.session).await
+        transmission(self.stream, self.session, &self.server).await
     }
 }
 
@@ -307,6 +382,13 @@ where
         let opt = s.read_u32().await?;
         let len = s.read_u32().await?;
         if len > MAX_OPTION {
+            if opt == OPT_EXPORT_NAME {
+                // No reply can refuse EXPORT_NAME: hang up.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "export name too long",
+                ));
+            }
             skip(s, len as u64).await?;
             reply_option(s, opt, REP_ERR_TOO_BIG, b"option too large").await?;
             continue;
@@ -337,8 +419,10 @@ where
                 }));
             }
             OPT_ABORT => {
-                reply_option(s, opt, REP_ACK, &[]).await?;
-                s.flush().await?;
+                // The client may hang up without waiting for this: not an error.
+                if reply_option(s, opt, REP_ACK, &[]).await.is_ok() {
+                    let _ = s.flush().await;
+                }
                 return Ok(None);
             }
             OPT_LIST => {
@@ -478,7 +562,12 @@ struct Request {
     len: u32,
 }
 
-type Writer<S> = Arc<Mutex<tokio::io::WriteHalf<S>>>;
+/// The write half, shared by the request tasks; `dead` once a reply could not be
+/// delivered (later replies are not attempted).
+struct Replies<S> {
+    wr: Mutex<tokio::io::WriteHalf<S>>,
+    dead: AtomicBool,
+}
 
 /// The reply to one request: an error number, or success with read data (or extents).
 enum Outcome {
@@ -488,27 +577,38 @@ enum Outcome {
     Failed(u32, String),
 }
 
-async fn transmission<S>(stream: S, session: Session) -> Result<()>
+async fn transmission<S>(stream: S, session: Session, server: &NbdServer) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, wr) = tokio::io::split(stream);
-    let wr: Writer<S> = Arc::new(Mutex::new(wr));
+    let replies = Arc::new(Replies {
+        wr: Mutex::new(wr),
+        dead: AtomicBool::new(false),
+    });
     let session = Arc::new(session);
-    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT >> 10));
+    let mut stop = server.shutdown.subscribe();
+    let budget = Arc::new(Semaphore::new(server.in_flight_kib as usize));
     let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+    let mut failure = None;
     let end = loop {
-        // Collect what finished (a failed reply write ends the connection).
+        // Collect what finished; a reply that could not be delivered ends the connection.
         while let Some(done) = tasks.try_join_next() {
             if let Err(e) = joined(done) {
-                break_tasks(&mut tasks).await;
-                return Err(e);
+                failure.get_or_insert(e);
             }
         }
+        if failure.is_some() {
+            break Ok(());
+        }
         let mut hdr = [0u8; 28];
-        match rd.read_exact(&mut hdr).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+        let read = tokio::select! {
+            r = read_header(&mut rd, &mut hdr) => r,
+            _ = stop.wait_for(|&stop| stop) => break Ok(()),
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
             Err(e) => break Err(net_err(e)),
         }
         let magic = u32::from_be_bytes(hdr[0..4].try_into().unwrap());
@@ -525,45 +625,49 @@ where
         if req.typ == CMD_DISC {
             break Ok(());
         }
-        let carries = req.typ == CMD_WRITE || req.typ == CMD_READ;
-        let cost = if carries { (req.len >> 10) + 1 } else { 1 };
-        let permit = if req.len <= MAX_PAYLOAD || !carries {
-            Some(
-                Arc::clone(&budget)
-                    .acquire_many_owned(cost)
-                    .await
-                    .expect("the budget semaphore is never closed"),
-            )
-        } else {
-            None
+        // What the request holds until its reply is out: its payload or read data, the
+        // extents of a block-status reply, or one unit for the bookkeeping.
+        let oversized = matches!(req.typ, CMD_READ | CMD_WRITE) && req.len > MAX_PAYLOAD;
+        let cost = match req.typ {
+            CMD_READ | CMD_WRITE if !oversized => (req.len >> 10) + 1,
+            CMD_BLOCK_STATUS => BLOCK_STATUS_COST,
+            _ => 1,
         };
+        let permit = Arc::clone(&budget)
+            .acquire_many_owned(cost.min(server.in_flight_kib))
+            .await
+            .expect("the budget semaphore is never closed");
         let mut payload = Vec::new();
         if req.typ == CMD_WRITE {
-            if permit.is_none() {
+            let r = if oversized {
                 // Too large to take: skip it, and say so.
-                if let Err(e) = skip(&mut rd, req.len as u64).await {
-                    break Err(net_err(e));
-                }
+                skip(&mut rd, req.len as u64).await
             } else {
                 payload = vec![0u8; req.len as usize];
-                if let Err(e) = rd.read_exact(&mut payload).await {
-                    break Err(net_err(e));
-                }
+                rd.read_exact(&mut payload).await.map(drop)
+            };
+            if let Err(e) = r {
+                break Err(net_err(e));
             }
         }
-        let (wr, session) = (Arc::clone(&wr), Arc::clone(&session));
+        let (replies, session) = (Arc::clone(&replies), Arc::clone(&session));
         tasks.spawn(async move {
-            let outcome = if carries && permit.is_none() {
+            let outcome = if oversized {
                 Outcome::Failed(EINVAL, format!("request longer than {MAX_PAYLOAD} bytes"))
             } else {
                 execute(&session, req, payload).await
             };
+            let sent = send_reply(&replies, &session, req, outcome).await;
             drop(permit);
-            send_reply(&wr, &session, req, outcome).await
+            sent
         });
     };
-    // Finish and answer what is in flight (after a DISC the protocol asks for that).
-    let mut result = end;
+    // Requests in flight finish and are answered (after a DISC the protocol asks for
+    // that); none is cancelled halfway through an image operation.
+    let mut result = match failure {
+        Some(e) => Err(e),
+        None => end,
+    };
     while let Some(done) = tasks.join_next().await {
         if let Err(e) = joined(done) {
             if result.is_ok() {
@@ -571,10 +675,35 @@ where
             }
         }
     }
-    let mut w = wr.lock().await;
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
+    if !replies.dead.load(Ordering::Acquire) {
+        let mut w = replies.wr.lock().await;
+        let _ = tokio::time::timeout(REPLY_TIMEOUT, async {
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+        })
+        .await;
+    }
     result
+}
+
+/// Reads one request header: `false` when the client closed the stream before its first
+/// byte (a clean end); a stream ending inside the header is an error.
+async fn read_header<R: AsyncRead + Unpin>(r: &mut R, hdr: &mut [u8; 28]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < hdr.len() {
+        let n = r.read(&mut hdr[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed the connection inside a request",
+            ));
+        }
+        got += n;
+    }
+    Ok(true)
 }
 
 fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
@@ -582,11 +711,6 @@ fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<
         Ok(r) => r,
         Err(e) => Err(Error::new(ErrorKind::Io, "NBD request task failed").with_source(e)),
     }
-}
-
-async fn break_tasks(tasks: &mut JoinSet<Result<()>>) {
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
 }
 
 /// The NBD error number for a library error.
@@ -599,8 +723,9 @@ fn nbd_errno(e: &Error) -> u32 {
     }
 }
 
+/// The error reply for a library error: its kind only (its message may name host paths).
 fn failed(e: Error) -> Outcome {
-    Outcome::Failed(nbd_errno(&e), e.to_string())
+    Outcome::Failed(nbd_errno(&e), e.kind().describe().to_string())
 }
 
 /// Carries out one request.
@@ -633,6 +758,7 @@ async fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Outcome {
         return Outcome::Failed(errno, "request past the end of the export".into());
     }
     let r = match req.typ {
+        CMD_READ if req.len == 0 => return Outcome::Done,
         CMD_READ => {
             let mut buf = vec![0u8; req.len as usize];
             return match image.read(req.offset, &mut buf).await {
@@ -656,7 +782,8 @@ async fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Outcome {
             if req.len == 0 {
                 Ok(())
             } else {
-                let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0;
+                // Unmapping is a discard: only where trims are carried out.
+                let may_unmap = export.trim && req.flags & CMD_FLAG_NO_HOLE == 0;
                 image
                     .write_zeroes(req.offset, req.len as u64, may_unmap)
                     .await
@@ -665,6 +792,9 @@ async fn execute(session: &Session, req: Request, payload: Vec<u8>) -> Outcome {
         CMD_BLOCK_STATUS => {
             if !session.block_status {
                 return Outcome::Failed(EINVAL, "no metadata context was selected".into());
+            }
+            if req.len == 0 {
+                return Outcome::Failed(EINVAL, "block status of an empty range".into());
             }
             return match extents(image, req).await {
                 Ok(x) => Outcome::Extents(x),
@@ -688,7 +818,10 @@ async fn extents(image: &Image, req: Request) -> Result<Vec<(u32, u32)>> {
     let mut out: Vec<(u32, u32)> = Vec::new();
     let end = req.offset + req.len as u64;
     let mut pos = req.offset;
-    while pos < end && out.len() < MAX_EXTENTS {
+    let mut calls = 0;
+    // Fewer extents than asked for are allowed: the client asks again from the end.
+    while pos < end && out.len() < MAX_EXTENTS && calls < 2 * MAX_EXTENTS {
+        calls += 1;
         let st = image.block_status(pos, end - pos).await?;
         if st.len == 0 {
             break;
@@ -711,8 +844,8 @@ async fn extents(image: &Image, req: Request) -> Result<Vec<(u32, u32)>> {
         }
     }
     if out.is_empty() {
-        // A zero-length query still gets one (conservative) descriptor.
-        out.push((req.len.max(1), 0));
+        // Nothing known (the driver answered nothing): "allocated, contents unknown".
+        out.push((req.len, 0));
     }
     Ok(out)
 }
@@ -737,7 +870,7 @@ fn simple_header(error: u32, cookie: u64) -> [u8; 16] {
 
 /// Writes the reply to `req`, as one unit on the shared stream.
 async fn send_reply<S: AsyncWrite>(
-    wr: &Writer<S>,
+    replies: &Replies<S>,
     session: &Session,
     req: Request,
     outcome: Outcome,
@@ -773,7 +906,8 @@ async fn send_reply<S: AsyncWrite>(
             }
         }
         (Outcome::Done, true) if req.typ == CMD_READ => {
-            // A zero-length read still needs a structured reply.
+            // A zero-length read still needs a structured reply (and data chunks carry at
+            // least one byte).
             msg.extend_from_slice(&chunk_header(
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_NONE,
@@ -783,7 +917,7 @@ async fn send_reply<S: AsyncWrite>(
         }
         (Outcome::Done, _) => msg.extend_from_slice(&simple_header(0, req.cookie)),
         (Outcome::Failed(errno, text), true) if matches!(req.typ, CMD_READ | CMD_BLOCK_STATUS) => {
-            let text = &text.as_bytes()[..text.len().min(4096)];
+            let text = text.as_bytes();
             msg.extend_from_slice(&chunk_header(
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_ERROR,
@@ -796,16 +930,25 @@ async fn send_reply<S: AsyncWrite>(
         }
         (Outcome::Failed(errno, _), _) => msg.extend_from_slice(&simple_header(*errno, req.cookie)),
     }
-    let mut w = wr.lock().await;
-    async {
+    let mut w = replies.wr.lock().await;
+    if replies.dead.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let sent = tokio::time::timeout(REPLY_TIMEOUT, async {
         w.write_all(&msg).await?;
         if !data.is_empty() {
             w.write_all(data).await?;
         }
         w.flush().await
-    }
-    .await
-    .map_err(net_err)
+    })
+    .await;
+    let err = match sent {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => net_err(e),
+        Err(_) => protocol_err("the client stopped reading replies"),
+    };
+    replies.dead.store(true, Ordering::Release);
+    Err(err)
 }
 
 #[cfg(test)]

@@ -473,3 +473,254 @@ async fn concurrent_requests_are_all_answered_with_their_own_data() {
     request(&mut c, CMD_DISC, 0, 0, 0, 0).await;
     task.await.unwrap().unwrap();
 }
+
+async fn start_with(
+    server: NbdServer,
+    pipe: usize,
+) -> (DuplexStream, tokio::task::JoinHandle<Result<()>>) {
+    let (client, server_end) = tokio::io::duplex(pipe);
+    let task = tokio::spawn(async move { server.serve(server_end).await });
+    (client, task)
+}
+
+#[tokio::test]
+async fn zero_length_reads_and_block_status() {
+    let (mut c, task) = start(NbdExport::new("", image(false).await)).await;
+    connect(&mut c, "").await;
+    request(&mut c, CMD_READ, 0, 1, 512, 0).await;
+    let (fl, typ, cookie, data) = chunk(&mut c).await;
+    assert_eq!((fl, typ, cookie), (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1));
+    assert!(data.is_empty());
+    request(&mut c, CMD_BLOCK_STATUS, 0, 2, 512, 0).await;
+    let (_, typ, _, data) = chunk(&mut c).await;
+    assert_eq!(typ, REPLY_TYPE_ERROR);
+    assert_eq!(&data[..4], &EINVAL.to_be_bytes());
+    // REQ_ONE at an unaligned offset: one descriptor, no longer than asked.
+    request(&mut c, CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 3, 1000, 3000).await;
+    let data = chunk(&mut c).await.3;
+    assert_eq!(data.len(), 12);
+    assert!(u32::from_be_bytes(data[4..8].try_into().unwrap()) <= 3000);
+    // Flags that do not belong: DF-less REQ_ONE on a read, NO_HOLE on a read.
+    request(&mut c, CMD_READ, CMD_FLAG_REQ_ONE, 4, 0, 512).await;
+    assert_eq!(chunk(&mut c).await.1, REPLY_TYPE_ERROR);
+    request(&mut c, CMD_READ, CMD_FLAG_DF, 5, 0, 512).await;
+    assert_eq!(
+        chunk(&mut c).await.1,
+        REPLY_TYPE_OFFSET_DATA,
+        "DF is fine once structured"
+    );
+    drop(c);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn df_without_structured_replies_is_refused() {
+    let (mut c, task) = start(NbdExport::new("", image(false).await)).await;
+    greet(&mut c, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
+    send_opt(&mut c, OPT_EXPORT_NAME, b"").await;
+    c.read_u64().await.unwrap();
+    c.read_u16().await.unwrap();
+    request(&mut c, CMD_READ, CMD_FLAG_DF, 1, 0, 512).await;
+    assert_eq!(simple(&mut c).await, (EINVAL, 1));
+    drop(c);
+    task.await.unwrap().unwrap();
+}
+
+/// A client that stops reading replies: once its requests in flight hold the connection's
+/// budget, the server stops reading requests (a later write is not carried out) instead of
+/// buffering without bound; reading the replies lets it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_replies_is_held_back_by_the_budget() {
+    let img = image(true).await;
+    let server = NbdServer::new()
+        .export(NbdExport::new("", img.clone()))
+        .max_in_flight(128 << 10);
+    let (mut c, task) = start_with(server, 4096).await;
+    connect(&mut c, "").await;
+    for i in 0..6u64 {
+        request(&mut c, CMD_READ, 0, i, i * 32768, 32768).await;
+    }
+    request(&mut c, CMD_WRITE, 0, 99, 0, 1).await;
+    c.write_all(b"X").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut first = [0u8; 1];
+    img.read(0, &mut first).await.unwrap();
+    assert_eq!(first, [0xab], "the write was read while replies were stuck");
+    let mut cookies = Vec::new();
+    for _ in 0..7 {
+        let (_, _, cookie, _) = chunk_or_simple(&mut c).await;
+        cookies.push(cookie);
+    }
+    cookies.sort();
+    assert_eq!(cookies, vec![0, 1, 2, 3, 4, 5, 99]);
+    img.read(0, &mut first).await.unwrap();
+    assert_eq!(&first, b"X");
+    drop(c);
+    task.await.unwrap().unwrap();
+}
+
+/// A structured chunk or a simple reply, as (flags, type, cookie, payload); simple replies
+/// come back with type u16::MAX and their error as the payload.
+async fn chunk_or_simple(c: &mut DuplexStream) -> (u16, u16, u64, Vec<u8>) {
+    let magic = c.read_u32().await.unwrap();
+    if magic == SIMPLE_REPLY_MAGIC {
+        let err = c.read_u32().await.unwrap();
+        let cookie = c.read_u64().await.unwrap();
+        return (0, u16::MAX, cookie, err.to_be_bytes().to_vec());
+    }
+    assert_eq!(magic, STRUCTURED_REPLY_MAGIC);
+    let flags = c.read_u16().await.unwrap();
+    let typ = c.read_u16().await.unwrap();
+    let cookie = c.read_u64().await.unwrap();
+    let len = c.read_u32().await.unwrap();
+    let mut data = vec![0u8; len as usize];
+    c.read_exact(&mut data).await.unwrap();
+    (flags, typ, cookie, data)
+}
+
+/// After DISC every request already sent is carried out and answered, then the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disc_answers_requests_in_flight_first() {
+    let img = image(true).await;
+    let (mut c, task) = start(NbdExport::new("", img.clone())).await;
+    connect(&mut c, "").await;
+    for i in 0..8u64 {
+        request(&mut c, CMD_WRITE, CMD_FLAG_FUA, i, 65536 + i * 4096, 4096).await;
+        c.write_all(&[i as u8 + 1; 4096]).await.unwrap();
+    }
+    request(&mut c, CMD_DISC, 0, 100, 0, 0).await;
+    let mut cookies = Vec::new();
+    for _ in 0..8 {
+        let (err, cookie) = simple(&mut c).await;
+        assert_eq!(err, 0);
+        cookies.push(cookie);
+    }
+    cookies.sort();
+    assert_eq!(cookies, (0..8).collect::<Vec<_>>());
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty(), "nothing after the last reply");
+    task.await.unwrap().unwrap();
+    for i in 0..8u64 {
+        let mut b = [0u8; 4096];
+        img.read(65536 + i * 4096, &mut b).await.unwrap();
+        assert!(b.iter().all(|&x| x == i as u8 + 1));
+    }
+}
+
+#[tokio::test]
+async fn metadata_context_selection_rules() {
+    let img = image(false).await;
+    let server = NbdServer::new()
+        .export(NbdExport::new("a", img.clone()))
+        .export(NbdExport::new("b", img));
+    let (mut c, task) = start_with(server, 1 << 16).await;
+    greet(&mut c, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
+    send_opt(&mut c, OPT_STRUCTURED_REPLY, &[]).await;
+    assert_eq!(opt_reply(&mut c).await.typ, REP_ACK);
+    // LIST with no query, and with the namespace wildcard: base:allocation, id 0.
+    for q in [&[][..], &["base:"][..]] {
+        send_opt(&mut c, OPT_LIST_META_CONTEXT, &meta_data("a", q)).await;
+        let r = opt_reply(&mut c).await;
+        assert_eq!(r.typ, REP_META_CONTEXT);
+        assert_eq!(&r.data[..4], &[0, 0, 0, 0]);
+        assert_eq!(opt_reply(&mut c).await.typ, REP_ACK);
+    }
+    // SET with the wildcard or an unknown namespace selects nothing.
+    send_opt(
+        &mut c,
+        OPT_SET_META_CONTEXT,
+        &meta_data("a", &["base:", "x-other:y"]),
+    )
+    .await;
+    assert_eq!(opt_reply(&mut c).await.typ, REP_ACK);
+    // A malformed query count.
+    let mut bad = meta_data("a", &[BASE_ALLOCATION]);
+    bad[8] = 9;
+    send_opt(&mut c, OPT_SET_META_CONTEXT, &bad).await;
+    assert_eq!(opt_reply(&mut c).await.typ, REP_ERR_INVALID);
+    // Selected for "a", then GO to "b": block status is refused there.
+    send_opt(
+        &mut c,
+        OPT_SET_META_CONTEXT,
+        &meta_data("a", &[BASE_ALLOCATION]),
+    )
+    .await;
+    assert_eq!(opt_reply(&mut c).await.typ, REP_META_CONTEXT);
+    assert_eq!(opt_reply(&mut c).await.typ, REP_ACK);
+    send_opt(&mut c, OPT_GO, &go_data("b", &[])).await;
+    while opt_reply(&mut c).await.typ != REP_ACK {}
+    request(&mut c, CMD_BLOCK_STATUS, 0, 1, 0, 4096).await;
+    let (_, typ, _, data) = chunk(&mut c).await;
+    assert_eq!(typ, REPLY_TYPE_ERROR);
+    assert_eq!(&data[..4], &EINVAL.to_be_bytes());
+    drop(c);
+    task.await.unwrap().unwrap();
+}
+
+/// Storage errors reach the client as NBD errors naming the kind of failure, not host paths.
+#[tokio::test]
+async fn storage_errors_become_nbd_errors() {
+    use crate::storage::{FaultKind, FaultOp, FaultStorage};
+    let storage = Arc::new(FaultStorage::from_bytes(&vec![0u8; SIZE as usize]));
+    let img = ImageOpen::storage(storage.clone())
+        .format(crate::Format::Raw)
+        .writable(true)
+        .open()
+        .await
+        .unwrap();
+    let (mut c, task) = start(NbdExport::new("", img)).await;
+    connect(&mut c, "").await;
+    storage.fail_nth(FaultOp::Read, 1, FaultKind::Eio);
+    request(&mut c, CMD_READ, 0, 1, 0, 512).await;
+    let (fl, typ, _, data) = chunk(&mut c).await;
+    assert_eq!((fl, typ), (REPLY_FLAG_DONE, REPLY_TYPE_ERROR));
+    assert_eq!(&data[..4], &EIO.to_be_bytes());
+    let text = String::from_utf8_lossy(&data[6..]).into_owned();
+    assert_eq!(text, "I/O error");
+    storage.fail_nth(FaultOp::Write, 1, FaultKind::NoSpace);
+    request(&mut c, CMD_WRITE, 0, 2, 0, 3).await;
+    c.write_all(b"abc").await.unwrap();
+    assert_eq!(simple(&mut c).await, (ENOSPC, 2));
+    storage.fail_nth(FaultOp::Sync, 1, FaultKind::Eio);
+    request(&mut c, CMD_FLUSH, 0, 3, 0, 0).await;
+    assert_eq!(simple(&mut c).await, (EIO, 3));
+    drop(c);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let server = NbdServer::new()
+        .export(NbdExport::new("", image(false).await))
+        .handshake_timeout(std::time::Duration::from_millis(100));
+    let (c, task) = start_with(server, 4096).await;
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        .await
+        .expect("the server gave up on the silent client")
+        .unwrap();
+    assert!(r.is_err());
+    drop(c);
+}
+
+/// `shutdown` ends connections: the handshake of a new one, and a connection in
+/// transmission once its requests are answered.
+#[tokio::test]
+async fn shutdown_ends_connections_after_answering_them() {
+    let server = NbdServer::new().export(NbdExport::new("", image(true).await));
+    let (mut c, task) = start_with(server.clone(), 1 << 16).await;
+    connect(&mut c, "").await;
+    request(&mut c, CMD_READ, 0, 1, 0, 16).await;
+    assert_eq!(&chunk(&mut c).await.3[8..], &[0xab; 16]);
+    server.shutdown();
+    task.await.unwrap().unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    // A connection arriving after the shutdown gets the greeting and nothing more.
+    let (mut c, task) = start_with(server, 1 << 16).await;
+    task.await.unwrap().unwrap();
+    let mut hello = Vec::new();
+    c.read_to_end(&mut hello).await.unwrap();
+    assert!(hello.len() <= 18);
+}
