@@ -368,6 +368,47 @@ fn convert_to_qcow2_matches_qemu_img_byte_for_byte_and_w_keeps_the_content() {
     .ok();
 }
 
+/// A source cluster that cannot be read ends the copy with the read's error, whether jobs
+/// write in order (one writer) or as they finish (-W): no hang, no panic.
+#[test]
+fn convert_stops_with_the_error_of_an_unreadable_source_cluster() {
+    let dir = tempdir();
+    let raw = dir.path().join("t.raw");
+    let text: Vec<u8> = (0..120_000)
+        .flat_map(|i| format!("line {i:08} of compressible text\n").into_bytes())
+        .collect();
+    std::fs::write(&raw, text).unwrap();
+    let bad = dir.path().join("bad.qcow2");
+    qemu_img([
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&bad),
+    ])
+    .ok();
+    // The last compressed cluster's stream is at the end of the file: make it garbage.
+    let mut bytes = std::fs::read(&bad).unwrap();
+    let n = bytes.len();
+    bytes[n - 600..].fill(0xff);
+    std::fs::write(&bad, bytes).unwrap();
+    for extra in [&[][..], &["-W"][..]] {
+        let out = dir.path().join("out.raw");
+        let mut args = vec!["convert"];
+        args.extend(extra);
+        args.extend(["-f", "qcow2", "-O", "raw", s(&bad), s(&out)]);
+        let r = vmimg(&args).expect_status(1);
+        assert!(
+            r.stderr.contains("deflate stream is malformed"),
+            "{extra:?}: {}",
+            r.stderr
+        );
+    }
+}
+
 #[test]
 fn convert_cache_modes_all_give_the_same_image_and_bad_modes_are_refused() {
     let dir = tempdir();
