@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use vmimg::io_buf::is_zero;
 use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
@@ -224,8 +224,10 @@ struct CopyQueue {
     jobs: usize,
     /// Reads in flight (or whole jobs, with `-W`).
     reads: JoinSet<Result<u64, Error>>,
-    /// In order: each job and where its read data arrives.
-    to_writer: Option<mpsc::Sender<(Job, ReadData)>>,
+    /// In order: each job, where its read data arrives, and its slot.
+    to_writer: Option<mpsc::Sender<(Job, ReadData, OwnedSemaphorePermit)>>,
+    /// One slot per job read or waiting to be written: at most `jobs` buffers exist.
+    slots: Arc<Semaphore>,
     writer: Option<tokio::task::JoinHandle<Result<u64, Error>>>,
     /// Bytes written since the last report.
     written: Arc<AtomicU64>,
@@ -235,16 +237,17 @@ impl CopyQueue {
     fn new(jobs: usize, in_order: bool) -> Self {
         let written = Arc::new(AtomicU64::new(0));
         let (to_writer, writer) = if in_order {
-            let (tx, mut rx) = mpsc::channel::<(Job, ReadData)>(jobs);
+            let (tx, mut rx) = mpsc::channel::<(Job, ReadData, OwnedSemaphorePermit)>(jobs);
             let done = Arc::clone(&written);
             let writer = tokio::spawn(async move {
                 let mut total = 0;
-                while let Some((job, data)) = rx.recv().await {
+                while let Some((job, data, slot)) = rx.recv().await {
                     let buf = data.await.map_err(|_| {
                         Error::new(ErrorKind::Io, "copy task failed before its data was read")
                     })??;
                     let r = job.write(&buf[..job.len as usize]).await;
                     job.buffers.put(buf);
+                    drop(slot);
                     let n = r?;
                     total += n;
                     done.fetch_add(n, Ordering::Relaxed);
@@ -259,6 +262,7 @@ impl CopyQueue {
             jobs,
             reads: JoinSet::new(),
             to_writer,
+            slots: Arc::new(Semaphore::new(jobs)),
             writer,
             written,
         }
@@ -278,13 +282,26 @@ impl CopyQueue {
                 self.reads.spawn(job.run());
             }
             Some(tx) => {
+                let slot = tokio::select! {
+                    slot = Arc::clone(&self.slots).acquire_owned() => {
+                        slot.expect("the slots are never closed")
+                    }
+                    // A failed read (or writer) must not leave us waiting for a slot.
+                    Some(r) = self.reads.join_next() => {
+                        finished += joined(r)?;
+                        Arc::clone(&self.slots)
+                            .acquire_owned()
+                            .await
+                            .expect("the slots are never closed")
+                    }
+                };
                 let (data_tx, data_rx) = oneshot::channel();
                 let reader = job.clone();
                 self.reads.spawn(async move {
                     let _ = data_tx.send(reader.read().await);
                     Ok(0)
                 });
-                if tx.send((job, data_rx)).await.is_err() {
+                if tx.send((job, data_rx, slot)).await.is_err() {
                     // The writer stopped: its error says why.
                     return Err(self.writer_error().await);
                 }
