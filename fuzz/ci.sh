@@ -68,6 +68,7 @@ built=$(date +%s)
 opts_for() {
     case "$1" in
         qcow2_model) echo "-max_len=4096" ;;
+        nbd_server) echo "-max_len=65536" ;;
         *) echo "" ;;
     esac
 }

@@ -3,6 +3,7 @@
 #   corpus/qcow2_open_read/  small whole images of many kinds
 #   corpus/qcow2_header/     the first 4 KiB of each
 #   corpus/qcow2_model/      random operation lists (any bytes decode to a valid one)
+#   corpus/nbd_server/       NBD client streams
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
 set -euo pipefail
 
@@ -15,6 +16,32 @@ mkdir -p "$model"
 for i in $(seq 1 24); do
     [ -e "$model/seed$i" ] || head -c $((64 + i * 60)) /dev/urandom > "$model/seed$i"
 done
+
+# nbd_server: client streams. Mode byte 1 (canned handshake first) with request sequences,
+# mode 0 with a whole handshake of its own.
+nbd=corpus/nbd_server
+mkdir -p "$nbd"
+python3 - "$nbd" <<'PY'
+import os, struct, sys
+out = sys.argv[1]
+def req(typ, off, ln, flags=0, cookie=1, payload=b""):
+    return struct.pack(">IHHQQI", 0x25609513, flags, typ, cookie, off, ln) + payload
+def opt(o, data=b""):
+    return struct.pack(">QII", 0x49484156454F5054, o, len(data)) + data
+seeds = {
+    "rw": b"\x01" + req(1, 4096, 8, payload=b"ABCDEFGH") + req(0, 0, 16384) + req(2, 0, 0),
+    "status": b"\x01" + req(6, 0, 65536) + req(7, 0, 1 << 22, cookie=2) + req(7, 100, 9000, 8, 3),
+    "mixed": b"\x03" + req(1, 0, 512, 1, 1, b"z" * 512) + req(4, 0, 4096) + req(3, 0, 0)
+        + req(5, 0, 4096) + req(6, 8192, 8192, 2) + req(0, 4190000, 4304),
+    "handshake": b"\x00" + struct.pack(">I", 3) + opt(8) + opt(3) + opt(6, struct.pack(">I", 0) + struct.pack(">HH", 1, 1))
+        + opt(9, struct.pack(">II", 0, 0)) + opt(7, struct.pack(">IH", 0, 0)) + req(0, 0, 512),
+    "export_name": b"\x00" + struct.pack(">I", 1) + opt(1) + req(0, 0, 512) + req(2, 0, 0),
+}
+for name, data in seeds.items():
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        open(path, "wb").write(data)
+PY
 
 for tool in qemu-img qemu-io; do
     command -v "$tool" >/dev/null || { echo "make-corpus.sh: $tool not found (apt-get install qemu-utils)" >&2; exit 1; }
