@@ -105,6 +105,20 @@ impl Drop for Server {
     }
 }
 
+/// qemu-io on `uri` reading its commands from a pipe: the connection stays open while the
+/// test sends commands (and while other clients come and go).
+fn interactive_qemu_io(uri: &str) -> (Child, std::process::ChildStdin) {
+    let mut child = Command::new(qemu_tool("qemu-io"))
+        .args(["-f", "raw", uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin)
+}
+
 /// A qcow2 image with data, zeroed and unallocated stretches, made by qemu-io.
 fn sample(path: &Path) {
     qemu_img(["create", "-q", "-f", "qcow2", s(path), "64M"]).ok();
@@ -316,15 +330,8 @@ fn two_clients_at_once_share_the_image() {
         &["-t", "-e", "2", "-f", "qcow2", s(&img)],
     );
     // qemu-io keeps its connection open while a second one writes and reads.
-    let mut first = Command::new(qemu_tool("qemu-io"))
-        .args(["-f", "raw", &server.uri()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (first, mut stdin) = interactive_qemu_io(&server.uri());
     use std::io::Write;
-    let mut stdin = first.stdin.take().unwrap();
     writeln!(stdin, "write -P 0x33 2M 64k").unwrap();
     stdin.flush().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -361,15 +368,8 @@ fn sigterm_during_writes_leaves_a_clean_image() {
     let img = dir.path().join("img.qcow2");
     qemu_img(["create", "-q", "-f", "qcow2", s(&img), "256M"]).ok();
     let server = Server::vmimg(&dir.path().join("s.sock"), &["-t", "-f", "qcow2", s(&img)]);
-    let mut writer = Command::new(qemu_tool("qemu-io"))
-        .args(["-f", "raw", &server.uri()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (writer, mut stdin) = interactive_qemu_io(&server.uri());
     use std::io::Write;
-    let mut stdin = writer.stdin.take().unwrap();
     writeln!(stdin, "write -P 0x5a 0 8M").unwrap();
     for i in 0..200u64 {
         let _ = writeln!(stdin, "write -P 0x5b {} 64k", (8 << 20) + i * 131072);

@@ -9,7 +9,10 @@
 
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+#[path = "common.rs"]
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
@@ -18,17 +21,6 @@ use vmimg::nbd::{NbdExport, NbdServer};
 use vmimg::{MemoryStorage, Qcow2Create, Qcow2Open, Storage};
 
 const LIMIT: Duration = Duration::from_secs(20);
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .max_blocking_threads(4)
-            .build()
-            .expect("tokio runtime")
-    })
-}
 
 /// Client flags, then STRUCTURED_REPLY, SET_META_CONTEXT("", base:allocation), GO("").
 fn handshake() -> Vec<u8> {
@@ -71,9 +63,13 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let mut input = if mode & 1 == 1 { handshake() } else { Vec::new() };
+    let mut input = if mode & 1 == 1 {
+        handshake()
+    } else {
+        Vec::new()
+    };
     input.extend_from_slice(rest);
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let image = export().await;
         let server = NbdServer::new()
             .export(NbdExport::new("", image).trim(mode & 2 == 2))

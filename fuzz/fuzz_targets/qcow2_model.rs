@@ -18,9 +18,12 @@
 
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
@@ -46,18 +49,6 @@ const MAX_BACKING_WRITES: usize = 8;
 const LIMIT: Duration = Duration::from_secs(20);
 /// A whole-disk comparison after this many operations.
 const VERIFY_EVERY: usize = 16;
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        // Compression runs on the blocking pool; few threads keep the RSS low under ASan.
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .max_blocking_threads(4)
-            .build()
-            .expect("tokio runtime")
-    })
-}
 
 // ---------------------------------------------------------------------------------------
 // The input: creation options and operations.
@@ -1454,7 +1445,7 @@ async fn execute(plan: Plan) {
 }
 
 fuzz_target!(|plan: Plan| {
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         tokio::time::timeout(LIMIT, execute(plan))
             .await
             .expect("one input did not finish within 20 s");

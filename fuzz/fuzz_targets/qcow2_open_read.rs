@@ -8,7 +8,10 @@
 
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+#[path = "common.rs"]
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
@@ -20,19 +23,6 @@ const READ_PREFIX: u64 = 4 << 20;
 const CHUNK: u64 = 64 << 10;
 /// Bound on one input.
 const LIMIT: Duration = Duration::from_secs(10);
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        // Few blocking threads: decompression runs there, and under AddressSanitizer every
-        // short-lived thread costs memory that libFuzzer counts against its RSS limit.
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .max_blocking_threads(4)
-            .build()
-            .expect("tokio runtime")
-    })
-}
 
 /// Offsets derived from the input: its last 24 bytes as three big-endian words.
 fn derived_offsets(data: &[u8], size: u64) -> Vec<u64> {
@@ -68,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         .policy(ImplicitOpenPolicy::deny())
         .data_file(data_file)
         .l2_cache_size(1 << 20);
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let work = async {
             if let Ok(image) = Qcow2Open::storage(storage).options(opts).open().await {
                 exercise(image, data).await;
