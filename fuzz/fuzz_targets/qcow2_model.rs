@@ -28,12 +28,11 @@ use std::time::Duration;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmimg::qcow2::check::{check, Repair};
 use vmimg::qcow2::{CompressionType, Qcow2Amend, Qcow2Driver};
-use vmimg::storage::{BoxFuture, HostExtent};
+use vmimg::storage::{BoxFuture, HookStorage, StorageHook, StorageOp};
 use vmimg::{
     DiscardMode, ErrorKind, Image, ImplicitOpenPolicy, MemoryStorage, OpenOptions, PreallocMode,
     Qcow2Create, Qcow2Open, RawOpen, Storage, StorageExt,
@@ -504,20 +503,18 @@ impl<'a> Arbitrary<'a> for Plan {
 // Storage that yields to the executor.
 // ---------------------------------------------------------------------------------------
 
-/// `MemoryStorage` whose requests sometimes yield to the executor before and after they run,
-/// on a schedule drawn from the input: memory requests never wait, so without this the
-/// operations of a concurrent group would interleave only at lock contention.
+/// Sometimes yields to the executor before a request runs and after a read or write
+/// succeeded, on a schedule drawn from the input: memory requests never wait, so without
+/// this the operations of a concurrent group would interleave only at lock contention.
 #[derive(Debug)]
-struct Yielding {
-    inner: MemoryStorage,
+struct Schedule {
     /// xorshift state; 0: never yield.
     state: AtomicU64,
 }
 
-impl Yielding {
+impl Schedule {
     fn new(seed: u64) -> Self {
-        Yielding {
-            inner: MemoryStorage::new(),
+        Schedule {
             state: AtomicU64::new(seed),
         }
     }
@@ -537,99 +534,32 @@ impl Yielding {
     }
 }
 
-impl Storage for Yielding {
-    fn size(&self) -> vmimg::Result<u64> {
-        self.inner.size()
+impl StorageHook<MemoryStorage> for Schedule {
+    fn before<'a>(&'a self, _: &'a MemoryStorage, _: StorageOp) -> BoxFuture<'a, ()> {
+        Box::pin(self.maybe_yield())
     }
 
-    fn mem_align(&self) -> usize {
-        self.inner.mem_align()
-    }
-
-    fn request_align(&self) -> usize {
-        self.inner.request_align()
-    }
-
-    fn is_writable(&self) -> bool {
-        self.inner.is_writable()
-    }
-
-    fn readv<'a>(
+    fn after<'a>(
         &'a self,
-        offset: u64,
-        bufs: &'a mut [IoSliceMut<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.readv(offset, bufs).await?;
-            self.maybe_yield().await;
-            Ok(())
-        })
+        _: &'a MemoryStorage,
+        op: StorageOp,
+        outcome: vmimg::Result<(), &vmimg::Error>,
+    ) -> BoxFuture<'a, ()> {
+        let read_or_write = matches!(op, StorageOp::Read { .. } | StorageOp::Write { .. });
+        if read_or_write && outcome.is_ok() {
+            Box::pin(self.maybe_yield())
+        } else {
+            Box::pin(async {})
+        }
     }
+}
 
-    fn writev<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a [IoSlice<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.writev(offset, bufs).await?;
-            self.maybe_yield().await;
-            Ok(())
-        })
-    }
+/// `MemoryStorage` whose requests sometimes yield to the executor (see [`Schedule`]).
+type Yielding = HookStorage<MemoryStorage, Schedule>;
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> BoxFuture<'_, vmimg::Result<()>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.write_zeroes(offset, len, may_unmap).await
-        })
-    }
-
-    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.discard(offset, len).await
-        })
-    }
-
-    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.flush().await
-        })
-    }
-
-    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.sync().await
-        })
-    }
-
-    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.resize(new_size, prealloc).await
-        })
-    }
-
-    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
-        Box::pin(async move {
-            self.maybe_yield().await;
-            self.inner.extent(offset, max_len).await
-        })
-    }
-
-    fn allocated_size(&self) -> Option<u64> {
-        self.inner.allocated_size()
-    }
+/// A new empty `Yielding` storage on the schedule `seed` draws.
+fn yielding(seed: u64) -> Yielding {
+    HookStorage::new(MemoryStorage::new(), Schedule::new(seed))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -812,14 +742,14 @@ impl Run {
             DataFile::None => None,
             DataFile::External => {
                 create = create.data_file("data.raw");
-                Some(Arc::new(Yielding::new(config.schedule.rotate_left(32))))
+                Some(Arc::new(yielding(config.schedule.rotate_left(32))))
             }
             DataFile::Raw => {
                 create = create.data_file("data.raw").data_file_raw(true);
-                Some(Arc::new(Yielding::new(config.schedule.rotate_left(32))))
+                Some(Arc::new(yielding(config.schedule.rotate_left(32))))
             }
         };
-        let storage = Arc::new(Yielding::new(config.schedule));
+        let storage = Arc::new(yielding(config.schedule));
         create
             .create_on(
                 storage.as_ref(),

@@ -49,6 +49,6 @@ pub use format::{
 pub use qcow2::{Qcow2Create, Qcow2Open};
 pub use raw::{RawCreate, RawOpen};
 pub use storage::{
-    FaultKind, FaultOp, FaultStorage, FileStorage, FileStorageOpen, MemoryStorage, NullStorage,
-    PreallocMode, Storage, StorageExt,
+    FaultKind, FaultOp, FaultStorage, FileStorage, FileStorageOpen, HookStorage, MemoryStorage,
+    NullStorage, PreallocMode, Storage, StorageExt, StorageHook, StorageOp,
 };

@@ -2,7 +2,7 @@
 //! crash, keeps a random subset of the writes made since the last sync (some torn).
 //!
 //! Crash images are taken between operations, at the end of every run, and *inside*
-//! operations: the storage wrapper below takes one just before some of the syncs the
+//! operations: the storage hook below takes one just before some of the syncs the
 //! library issues (the moment with the most writes in flight: a crash at any earlier moment
 //! is one of its random subsets), so the ordering inside a flush, an L1 table move, a
 //! refcount table move or a resize is tested too.
@@ -43,13 +43,12 @@
 //! vmimg --test qcow2_crash <test name> -- --nocapture`.
 
 use std::collections::BTreeMap;
-use std::io::{IoSlice, IoSliceMut};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use vmimg::qcow2::check::{check, Repair};
 use vmimg::qcow2::types::Geometry;
 use vmimg::qcow2::{CompressionType, Header};
-use vmimg::storage::{BoxFuture, HostExtent};
+use vmimg::storage::{BoxFuture, HookStorage, StorageHook, StorageOp};
 use vmimg::{
     DiscardMode, FaultKind, FaultOp, FaultStorage, Image, MemoryStorage, PreallocMode, Qcow2Create,
     Qcow2Open, Storage, StorageExt,
@@ -352,11 +351,10 @@ async fn verify_crash(bytes: Vec<u8>, model: &Model, lazy: bool, what: &str) -> 
     size
 }
 
-/// A [`FaultStorage`] that also takes crash images inside operations: just before some of
-/// the syncs it is asked for, at most `budget` of them.
+/// Takes crash images of a [`FaultStorage`] inside operations: just before some of the syncs
+/// it is asked for, at most `budget` of them.
 #[derive(Debug)]
-struct Crashing {
-    fault: FaultStorage,
+struct CrashAtSyncs {
     state: Mutex<Capture>,
 }
 
@@ -370,10 +368,9 @@ struct Capture {
     syncs: u64,
 }
 
-impl Crashing {
+impl CrashAtSyncs {
     fn new(seed: u64) -> Self {
-        Crashing {
-            fault: FaultStorage::new(),
+        CrashAtSyncs {
             state: Mutex::new(Capture {
                 rng: fastrand::Rng::with_seed(seed),
                 one_in: 0,
@@ -396,49 +393,9 @@ impl Crashing {
     }
 }
 
-impl Storage for Crashing {
-    fn size(&self) -> vmimg::Result<u64> {
-        self.fault.size()
-    }
-    fn mem_align(&self) -> usize {
-        self.fault.mem_align()
-    }
-    fn request_align(&self) -> usize {
-        self.fault.request_align()
-    }
-    fn is_writable(&self) -> bool {
-        self.fault.is_writable()
-    }
-    fn readv<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a mut [IoSliceMut<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        self.fault.readv(offset, bufs)
-    }
-    fn writev<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a [IoSlice<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        self.fault.writev(offset, bufs)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.write_zeroes(offset, len, may_unmap)
-    }
-    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.discard(offset, len)
-    }
-    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.flush()
-    }
-    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        {
+impl StorageHook<FaultStorage> for CrashAtSyncs {
+    fn before<'a>(&'a self, fault: &'a FaultStorage, op: StorageOp) -> BoxFuture<'a, ()> {
+        if op == StorageOp::Sync {
             let mut guard = self.state.lock().unwrap();
             let st = &mut *guard;
             st.syncs += 1;
@@ -446,19 +403,16 @@ impl Storage for Crashing {
                 st.budget -= 1;
                 let seed = st.rng.u64(..);
                 let syncs = st.syncs;
-                let image = self.fault.crash_image(seed);
+                let image = fault.crash_image(seed);
                 st.images.push((seed, image, syncs));
             }
         }
-        self.fault.sync()
-    }
-    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.resize(new_size, prealloc)
-    }
-    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
-        self.fault.extent(offset, max_len)
+        Box::pin(async {})
     }
 }
+
+/// A [`FaultStorage`] that also takes crash images inside operations (see [`CrashAtSyncs`]).
+type Crashing = HookStorage<FaultStorage, CrashAtSyncs>;
 
 /// What a workload does besides writes, zeroing, discards, compressed writes, flushes and
 /// syncs.
@@ -579,7 +533,7 @@ impl Workload<'_> {
         let Some(storage) = self.storage.clone() else {
             return;
         };
-        for (seed, bytes, syncs) in storage.take() {
+        for (seed, bytes, syncs) in storage.hook().take() {
             let what = format!("{} inside, at sync {syncs} (crash seed {seed})", self.label);
             let size = verify_crash(bytes, &self.model, self.lazy, &what).await;
             self.stats.count(&self.model, size, Where::Inside);
@@ -591,7 +545,7 @@ impl Workload<'_> {
         let storage = self.storage.clone().expect("a crashing storage");
         let what = format!("{} {place:?} (crash seed {seed})", self.label);
         let size = verify_crash(
-            storage.fault.crash_image(seed),
+            storage.inner().crash_image(seed),
             &self.model,
             self.lazy,
             &what,
@@ -784,7 +738,7 @@ async fn crash_runs(flavor: Flavor) -> Stats {
     for run in first..first + runs {
         let seed = flavor.seed + run;
         let mut rng = fastrand::Rng::with_seed(seed);
-        let storage = Arc::new(Crashing::new(seed));
+        let storage = Arc::new(Crashing::new(FaultStorage::new(), CrashAtSyncs::new(seed)));
         let (create, lazy) = create_options(&mut rng, flavor);
         create.create_on(storage.as_ref(), None).await.unwrap();
         storage.sync().await.unwrap();
@@ -848,7 +802,7 @@ async fn crash_runs(flavor: Flavor) -> Stats {
         }
         // Moves of the tables count from here: made by the workload, crashes around them.
         let h1 = header_of(storage.as_ref()).await;
-        storage.capture(6, 3);
+        storage.hook().capture(6, 3);
         let ops = w.rng.usize(if w.big_writes { 20 } else { 5 }..40);
         for i in 0..ops {
             w.label = format!("{label} op {i}");
@@ -859,7 +813,7 @@ async fn crash_runs(flavor: Flavor) -> Stats {
                 w.crash_now(crash_seed, Where::Between).await;
             }
         }
-        storage.capture(0, 0);
+        storage.hook().capture(0, 0);
         w.label = format!("{label} at the end");
         for k in 0..CRASHES_PER_RUN {
             w.crash_now(run * 100 + k, Where::AtEnd).await;

@@ -9,145 +9,55 @@
 //! before that sync, with a random subset of the writes since the previous one landed, some
 //! torn).
 
-use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex};
 use vmimg::qcow2::check::{check, CheckReport, Repair};
-use vmimg::storage::{BoxFuture, HostExtent};
+use vmimg::storage::{BoxFuture, HookStorage, StorageHook, StorageOp};
 use vmimg::{FaultStorage, Image, MemoryStorage, PreallocMode, Qcow2Create, Qcow2Open, Storage};
 
-/// Memory storage that keeps a copy of its bytes at every sync.
+/// Keeps a copy of the memory storage's bytes at every sync.
 #[derive(Debug, Default)]
-struct SyncSnapshots {
-    inner: MemoryStorage,
-    snapshots: Mutex<Vec<Vec<u8>>>,
-}
+struct Snapshots(Mutex<Vec<Vec<u8>>>);
 
-impl SyncSnapshots {
+impl Snapshots {
     fn take(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.snapshots.lock().unwrap())
+        std::mem::take(&mut self.0.lock().unwrap())
     }
 }
 
-impl Storage for SyncSnapshots {
-    fn size(&self) -> vmimg::Result<u64> {
-        self.inner.size()
+impl StorageHook<MemoryStorage> for Snapshots {
+    fn before<'a>(&'a self, inner: &'a MemoryStorage, op: StorageOp) -> BoxFuture<'a, ()> {
+        if op == StorageOp::Sync {
+            self.0.lock().unwrap().push(inner.to_vec());
+        }
+        Box::pin(async {})
     }
-    fn mem_align(&self) -> usize {
-        1
+}
+
+/// Memory storage that keeps a copy of its bytes at every sync.
+type SyncSnapshots = HookStorage<MemoryStorage, Snapshots>;
+
+/// Keeps 32 crash images of the [`FaultStorage`] at every sync.
+#[derive(Debug, Default)]
+struct CrashImages(Mutex<Vec<Vec<u8>>>);
+
+impl CrashImages {
+    fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.0.lock().unwrap())
     }
-    fn request_align(&self) -> usize {
-        1
-    }
-    fn is_writable(&self) -> bool {
-        true
-    }
-    fn readv<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a mut [IoSliceMut<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        self.inner.readv(offset, bufs)
-    }
-    fn writev<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a [IoSlice<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        self.inner.writev(offset, bufs)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.write_zeroes(offset, len, may_unmap)
-    }
-    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.discard(offset, len)
-    }
-    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.flush()
-    }
-    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.snapshots.lock().unwrap().push(self.inner.to_vec());
-        self.inner.sync()
-    }
-    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.resize(new_size, prealloc)
-    }
-    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
-        self.inner.extent(offset, max_len)
+}
+
+impl StorageHook<FaultStorage> for CrashImages {
+    fn before<'a>(&'a self, inner: &'a FaultStorage, op: StorageOp) -> BoxFuture<'a, ()> {
+        if op == StorageOp::Sync {
+            let mut images = self.0.lock().unwrap();
+            images.extend((0..32).map(|seed| inner.crash_image(seed)));
+        }
+        Box::pin(async {})
     }
 }
 
 /// A [`FaultStorage`] that keeps 32 crash images at every sync.
-#[derive(Debug, Default)]
-struct CrashesAtSyncs {
-    fault: FaultStorage,
-    images: Mutex<Vec<Vec<u8>>>,
-}
-
-impl CrashesAtSyncs {
-    fn take(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.images.lock().unwrap())
-    }
-}
-
-impl Storage for CrashesAtSyncs {
-    fn size(&self) -> vmimg::Result<u64> {
-        self.fault.size()
-    }
-    fn mem_align(&self) -> usize {
-        1
-    }
-    fn request_align(&self) -> usize {
-        1
-    }
-    fn is_writable(&self) -> bool {
-        true
-    }
-    fn readv<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a mut [IoSliceMut<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        self.fault.readv(offset, bufs)
-    }
-    fn writev<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a [IoSlice<'_>],
-    ) -> BoxFuture<'a, vmimg::Result<()>> {
-        self.fault.writev(offset, bufs)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.write_zeroes(offset, len, may_unmap)
-    }
-    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.discard(offset, len)
-    }
-    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.flush()
-    }
-    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
-        let mut images = self.images.lock().unwrap();
-        images.extend((0..32).map(|seed| self.fault.crash_image(seed)));
-        drop(images);
-        self.fault.sync()
-    }
-    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
-        self.fault.resize(new_size, prealloc)
-    }
-    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
-        self.fault.extent(offset, max_len)
-    }
-}
+type CrashesAtSyncs = HookStorage<FaultStorage, CrashImages>;
 
 const CS: u64 = 64 << 10;
 
@@ -274,9 +184,9 @@ async fn refcounts_on_disk_cover_the_references_on_disk_at_every_sync() {
     img.write_compressed(3 * CS, &vec![4; CS as usize])
         .await
         .unwrap();
-    s.take();
+    s.hook().take();
     img.sync().await.unwrap();
-    let snapshots = s.take();
+    let snapshots = s.hook().take();
     assert!(snapshots.len() > 1);
     for (i, bytes) in snapshots.into_iter().enumerate() {
         let m = MemoryStorage::from_bytes(&bytes);
@@ -353,9 +263,9 @@ async fn a_crash_inside_a_shrink_leaves_nothing_mapped_past_the_new_end() {
         .await
         .unwrap();
     img.sync().await.unwrap();
-    s.take();
+    s.hook().take();
     img.resize(1 << 20, PreallocMode::Off).await.unwrap();
-    let snapshots = s.take();
+    let snapshots = s.hook().take();
     assert!(!snapshots.is_empty());
     for (i, bytes) in snapshots.into_iter().enumerate() {
         let m = Arc::new(MemoryStorage::from_bytes(&bytes));
@@ -423,9 +333,9 @@ async fn narrow_refcounts_never_overflow_on_disk_when_a_cluster_is_freed_and_reu
             .await
             .unwrap();
     }
-    s.take();
+    s.hook().take();
     img.sync().await.unwrap();
-    let images = s.take();
+    let images = s.hook().take();
     assert!(!images.is_empty());
     for (i, bytes) in images.into_iter().enumerate() {
         let m = MemoryStorage::from_bytes(&bytes);

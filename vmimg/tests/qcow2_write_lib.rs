@@ -5,6 +5,7 @@ use std::sync::Arc;
 use vmimg::qcow2::check::{check, Repair};
 use vmimg::qcow2::header::incompat;
 use vmimg::qcow2::Header;
+use vmimg::storage::{BoxFuture, HookStorage, StorageHook, StorageOp};
 use vmimg::{ErrorKind, Image, MemoryStorage, OpenOptions, Qcow2Create, Qcow2Open, StorageExt};
 
 /// A new image created on memory by `create`, opened for writing.
@@ -241,93 +242,39 @@ async fn writes_through_a_handle_after_amend_are_refused() {
     img.flush().await.unwrap();
 }
 
-/// A memory storage whose whole-cluster (64 KiB) writes wait at a gate while it is armed:
-/// lets a test hold an allocating write between allocation and commit.
+/// Whole-cluster (64 KiB) writes wait at a gate while it is armed: on a memory storage, lets
+/// a test hold an allocating write between allocation and commit.
 #[derive(Debug)]
-struct GateStorage {
-    inner: MemoryStorage,
+struct Gate {
     armed: std::sync::atomic::AtomicBool,
     gate: tokio::sync::Semaphore,
 }
 
-impl GateStorage {
-    fn new() -> Self {
-        GateStorage {
-            inner: MemoryStorage::new(),
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
             armed: false.into(),
             gate: tokio::sync::Semaphore::new(0),
         }
     }
 }
 
-impl vmimg::Storage for GateStorage {
-    fn size(&self) -> vmimg::Result<u64> {
-        self.inner.size()
-    }
-    fn mem_align(&self) -> usize {
-        1
-    }
-    fn request_align(&self) -> usize {
-        1
-    }
-    fn is_writable(&self) -> bool {
-        true
-    }
-    fn readv<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a mut [std::io::IoSliceMut<'_>],
-    ) -> vmimg::storage::BoxFuture<'a, vmimg::Result<()>> {
-        self.inner.readv(offset, bufs)
-    }
-    fn writev<'a>(
-        &'a self,
-        offset: u64,
-        bufs: &'a [std::io::IoSlice<'_>],
-    ) -> vmimg::storage::BoxFuture<'a, vmimg::Result<()>> {
+impl StorageHook<MemoryStorage> for Gate {
+    fn before<'a>(&'a self, _: &'a MemoryStorage, op: StorageOp) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let len: usize = bufs.iter().map(|b| b.len()).sum();
-            if len == 65536 && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-                self.gate.acquire().await.unwrap().forget();
+            if let StorageOp::Write { len: 65536, .. } = op {
+                if self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+                    self.gate.acquire().await.unwrap().forget();
+                }
             }
-            self.inner.writev(offset, bufs).await
         })
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-    ) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.write_zeroes(offset, len, may_unmap)
-    }
-    fn discard(&self, offset: u64, len: u64) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.discard(offset, len)
-    }
-    fn flush(&self) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.flush()
-    }
-    fn sync(&self) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.sync()
-    }
-    fn resize(
-        &self,
-        new_size: u64,
-        prealloc: vmimg::PreallocMode,
-    ) -> vmimg::storage::BoxFuture<'_, vmimg::Result<()>> {
-        self.inner.resize(new_size, prealloc)
-    }
-    fn extent(
-        &self,
-        offset: u64,
-        max_len: u64,
-    ) -> vmimg::storage::BoxFuture<'_, vmimg::Result<(vmimg::storage::HostExtent, u64)>> {
-        self.inner.extent(offset, max_len)
     }
 }
 
+type GateStorage = HookStorage<MemoryStorage, Gate>;
+
 async fn gated_image() -> (Arc<GateStorage>, Image) {
-    let s = Arc::new(GateStorage::new());
+    let s = Arc::new(GateStorage::default());
     Qcow2Create::new(8 << 20)
         .create_on(s.as_ref(), None)
         .await
@@ -346,7 +293,9 @@ async fn gated_image() -> (Arc<GateStorage>, Image) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_to_a_cluster_being_allocated_wait_for_its_commit() {
     let (s, img) = gated_image().await;
-    s.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    s.hook()
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let a = tokio::spawn({
         let img = img.clone();
         async move { img.write(1 << 20, &vec![0xaa; 65536]).await }
@@ -371,8 +320,10 @@ async fn writes_to_a_cluster_being_allocated_wait_for_its_commit() {
         !b.is_finished(),
         "a write to the cluster being allocated waits"
     );
-    s.armed.store(false, std::sync::atomic::Ordering::SeqCst);
-    s.gate.add_permits(1);
+    s.hook()
+        .armed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    s.hook().gate.add_permits(1);
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
     let mut got = vec![0u8; 65536];
@@ -394,14 +345,18 @@ async fn writes_to_a_cluster_being_allocated_wait_for_its_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_allocating_write_does_not_block_the_cluster() {
     let (s, img) = gated_image().await;
-    s.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    s.hook()
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let abandoned = tokio::time::timeout(
         std::time::Duration::from_millis(50),
         img.write(1 << 20, &vec![0xaa; 65536]),
     )
     .await;
     assert!(abandoned.is_err(), "the gated write cannot finish");
-    s.armed.store(false, std::sync::atomic::Ordering::SeqCst);
+    s.hook()
+        .armed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     tokio::time::timeout(
         std::time::Duration::from_secs(5),
         img.write(1 << 20, &vec![0xbb; 65536]),

@@ -13,6 +13,7 @@
 //! | `file_inline`   | [`FileStorageOpen`] with `inline_io` (system calls on the caller's thread) |
 //! | `file_direct_inline` | both                |
 //! | `null`          | [`NullStorage::new`]     |
+//! | `hook`          | [`HookStorage::new`] over a [`MemoryStorage`], with the no-op hook `()` |
 //!
 //! Checks keep offsets and lengths multiples of `request_align()` (rounding odd sizes up with
 //! [`up`]), so storages without alignment needs are exercised at odd offsets while `O_DIRECT`
@@ -25,7 +26,8 @@ use std::sync::Arc;
 use tempfile::TempDir;
 use vmimg::storage::HostExtent;
 use vmimg::{
-    ErrorKind, FileStorageOpen, MemoryStorage, NullStorage, PreallocMode, Storage, StorageExt,
+    ErrorKind, FileStorageOpen, HookStorage, MemoryStorage, NullStorage, PreallocMode, Storage,
+    StorageExt,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -70,6 +72,15 @@ async fn memory() -> Subject {
             dir: None,
         },
         _dir: None,
+    }
+}
+
+/// A memory storage behind a hook storage that does nothing: every request and query must
+/// pass through unchanged.
+async fn hook() -> Subject {
+    Subject {
+        storage: Arc::new(HookStorage::new(MemoryStorage::new(), ())),
+        ..memory().await
     }
 }
 
@@ -193,6 +204,14 @@ async fn memory_read_only() -> Subject {
     let storage = MemoryStorage::from_bytes(&read_only_content()).into_read_only();
     Subject {
         storage: Arc::new(storage),
+        ..memory().await
+    }
+}
+
+async fn hook_read_only() -> Subject {
+    let storage = MemoryStorage::from_bytes(&read_only_content()).into_read_only();
+    Subject {
+        storage: Arc::new(HookStorage::new(storage, ())),
         ..memory().await
     }
 }
@@ -990,6 +1009,7 @@ macro_rules! conformance_mt {
 conformance! {
     write_then_read_roundtrips:
         memory_write_then_read_roundtrips = memory,
+        hook_write_then_read_roundtrips = hook,
         file_buffered_write_then_read_roundtrips = file_buffered,
         file_direct_write_then_read_roundtrips = file_direct,
         file_inline_write_then_read_roundtrips = file_inline,
@@ -997,6 +1017,7 @@ conformance! {
         null_write_then_read_roundtrips = null;
     reads_past_end_return_zeros:
         memory_reads_past_end_return_zeros = memory,
+        hook_reads_past_end_return_zeros = hook,
         file_buffered_reads_past_end_return_zeros = file_buffered,
         file_direct_reads_past_end_return_zeros = file_direct,
         file_inline_reads_past_end_return_zeros = file_inline,
@@ -1004,68 +1025,81 @@ conformance! {
         null_reads_past_end_return_zeros = null;
     writes_past_end_grow_size:
         memory_writes_past_end_grow_size = memory,
+        hook_writes_past_end_grow_size = hook,
         file_buffered_writes_past_end_grow_size = file_buffered,
         file_direct_writes_past_end_grow_size = file_direct,
         file_inline_writes_past_end_grow_size = file_inline,
         null_writes_past_end_grow_size = null;
     write_zeroes_unmap_reads_zeros_keeps_neighbours:
         memory_write_zeroes_unmap_reads_zeros_keeps_neighbours = memory,
+        hook_write_zeroes_unmap_reads_zeros_keeps_neighbours = hook,
         file_buffered_write_zeroes_unmap_reads_zeros_keeps_neighbours = file_buffered,
         file_direct_write_zeroes_unmap_reads_zeros_keeps_neighbours = file_direct,
         null_write_zeroes_unmap_reads_zeros_keeps_neighbours = null;
     write_zeroes_no_unmap_reads_zeros_keeps_neighbours:
         memory_write_zeroes_no_unmap_reads_zeros_keeps_neighbours = memory,
+        hook_write_zeroes_no_unmap_reads_zeros_keeps_neighbours = hook,
         file_buffered_write_zeroes_no_unmap_reads_zeros_keeps_neighbours = file_buffered,
         file_direct_write_zeroes_no_unmap_reads_zeros_keeps_neighbours = file_direct,
         null_write_zeroes_no_unmap_reads_zeros_keeps_neighbours = null;
     discard_keeps_neighbours:
         memory_discard_keeps_neighbours = memory,
+        hook_discard_keeps_neighbours = hook,
         file_buffered_discard_keeps_neighbours = file_buffered,
         file_direct_discard_keeps_neighbours = file_direct,
         null_discard_keeps_neighbours = null;
     resize_shrink_then_grow_reads_zeros:
         memory_resize_shrink_then_grow_reads_zeros = memory,
+        hook_resize_shrink_then_grow_reads_zeros = hook,
         file_buffered_resize_shrink_then_grow_reads_zeros = file_buffered,
         file_direct_resize_shrink_then_grow_reads_zeros = file_direct,
         null_resize_shrink_then_grow_reads_zeros = null;
     resize_prealloc_off_grows_sparse:
         memory_resize_prealloc_off_grows_sparse = memory,
+        hook_resize_prealloc_off_grows_sparse = hook,
         file_buffered_resize_prealloc_off_grows_sparse = file_buffered,
         file_direct_resize_prealloc_off_grows_sparse = file_direct,
         null_resize_prealloc_off_grows_sparse = null;
     resize_prealloc_falloc_grows_and_allocates:
         memory_resize_prealloc_falloc_grows_and_allocates = memory,
+        hook_resize_prealloc_falloc_grows_and_allocates = hook,
         file_buffered_resize_prealloc_falloc_grows_and_allocates = file_buffered,
         file_direct_resize_prealloc_falloc_grows_and_allocates = file_direct,
         null_resize_prealloc_falloc_grows_and_allocates = null;
     resize_prealloc_full_grows_and_allocates:
         memory_resize_prealloc_full_grows_and_allocates = memory,
+        hook_resize_prealloc_full_grows_and_allocates = hook,
         file_buffered_resize_prealloc_full_grows_and_allocates = file_buffered,
         file_direct_resize_prealloc_full_grows_and_allocates = file_direct,
         null_resize_prealloc_full_grows_and_allocates = null;
     extent_reports_holes_and_data:
         memory_extent_reports_holes_and_data = memory,
+        hook_extent_reports_holes_and_data = hook,
         file_buffered_extent_reports_holes_and_data = file_buffered,
         file_direct_extent_reports_holes_and_data = file_direct,
         null_extent_reports_holes_and_data = null;
     flush_and_sync_succeed:
         memory_flush_and_sync_succeed = memory,
+        hook_flush_and_sync_succeed = hook,
         file_buffered_flush_and_sync_succeed = file_buffered,
         file_direct_flush_and_sync_succeed = file_direct,
         null_flush_and_sync_succeed = null;
     // NullStorage has no read-only mode.
     read_only_refuses_writes:
         memory_read_only_refuses_writes = memory_read_only,
+        hook_read_only_refuses_writes = hook_read_only,
         file_buffered_read_only_refuses_writes = file_buffered_read_only,
         file_direct_read_only_refuses_writes = file_direct_read_only;
     alignment_is_reported_and_enforced:
         memory_alignment_is_reported_and_enforced = memory,
+        hook_alignment_is_reported_and_enforced = hook,
         file_buffered_alignment_is_reported_and_enforced = file_buffered,
         file_direct_alignment_is_reported_and_enforced = file_direct,
         file_direct_inline_alignment_is_reported_and_enforced = file_direct_inline,
         null_alignment_is_reported_and_enforced = null;
     resolve_name_follows_the_file:
         memory_resolve_name_follows_the_file = memory,
+        hook_resolve_name_follows_the_file = hook,
         file_buffered_resolve_name_follows_the_file = file_buffered,
         file_direct_resolve_name_follows_the_file = file_direct,
         null_resolve_name_follows_the_file = null;
@@ -1074,6 +1108,7 @@ conformance! {
 conformance_mt! {
     concurrent_block_writes:
         memory_concurrent_block_writes = memory,
+        hook_concurrent_block_writes = hook,
         file_buffered_concurrent_block_writes = file_buffered,
         file_direct_concurrent_block_writes = file_direct,
         file_inline_concurrent_block_writes = file_inline,
@@ -1081,12 +1116,14 @@ conformance_mt! {
         null_concurrent_block_writes = null;
     concurrent_zeroes_and_writes_past_end:
         memory_concurrent_zeroes_and_writes_past_end = memory,
+        hook_concurrent_zeroes_and_writes_past_end = hook,
         file_buffered_concurrent_zeroes_and_writes_past_end = file_buffered,
         file_direct_concurrent_zeroes_and_writes_past_end = file_direct,
         file_inline_concurrent_zeroes_and_writes_past_end = file_inline,
         null_concurrent_zeroes_and_writes_past_end = null;
     large_writes_roundtrip:
         memory_large_writes_roundtrip = memory,
+        hook_large_writes_roundtrip = hook,
         file_buffered_large_writes_roundtrip = file_buffered,
         file_direct_large_writes_roundtrip = file_direct,
         file_inline_large_writes_roundtrip = file_inline,

@@ -7,6 +7,7 @@
 //!                   +---- MemoryStorage (sparse, in memory; tests and scratch)
 //!                   +---- NullStorage   (reads zero, writes vanish)
 //!                   +---- FaultStorage  (tests: simulated crashes, injected errors)
+//!                   +---- HookStorage   (any storage, with a hook around each request)
 //! ```
 //!
 //! Contracts every implementation keeps (the conformance suite in `tests/` checks them):
@@ -22,6 +23,7 @@
 mod aligned;
 mod fault;
 mod file;
+mod hook;
 mod memory;
 mod null;
 mod sys;
@@ -29,6 +31,7 @@ mod sys;
 pub use aligned::AlignedStorage;
 pub use fault::{FaultKind, FaultOp, FaultStorage};
 pub use file::{FileStorage, FileStorageOpen};
+pub use hook::{HookStorage, StorageHook, StorageOp};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
 
