@@ -114,7 +114,7 @@ pub struct CheckReport {
     /// stderr).
     pub messages: Vec<String>,
     /// Set when the check could not complete, with the reason (qemu-img: "Check failed:
-    /// <reason>", exit status 1); the counts are then incomplete.
+    /// REASON", exit status 1); the counts are then incomplete.
     pub failure: Option<String>,
 }
 

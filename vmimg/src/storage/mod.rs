@@ -16,7 +16,7 @@
 //! - offsets and lengths are multiples of [`Storage::request_align`], and buffers start at
 //!   multiples of [`Storage::mem_align`] *when the caller wants zero-copy*; implementations
 //!   that need alignment bounce unaligned memory themselves, but reject unaligned requests
-//!   with [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument);
+//!   with [`crate::ErrorKind::InvalidArgument`];
 //! - [`Storage::flush`] pushes caches held by this process down to the operating system;
 //!   [`Storage::sync`] makes everything written so far durable.
 
