@@ -855,6 +855,33 @@ async fn resolve_name_follows_the_file(s: &dyn Storage, caps: &Caps) {
     }
 }
 
+/// `allocate` changes no byte and not the size, even over data and holes; on storages that
+/// preallocate, the space is taken afterwards.
+async fn allocate_keeps_bytes_and_size(s: &dyn Storage, caps: &Caps) {
+    let a = align(s);
+    let blk = a.max(4096);
+    let data = pattern(31, 0, blk as usize);
+    s.write_at(0, &data).await.unwrap();
+    s.write_at(8 * blk, &data).await.unwrap();
+    let size = s.size().unwrap();
+    let before = read_vec(s, 0, size as usize).await;
+    let used = s.allocated_size();
+    s.allocate(0, 9 * blk).await.unwrap();
+    assert_eq!(s.size().unwrap(), size, "allocate changed the size");
+    assert_bytes(
+        &read_vec(s, 0, size as usize).await,
+        &before,
+        "bytes after allocate",
+    );
+    if caps.preallocates {
+        let (used, now) = (used.unwrap(), s.allocated_size().unwrap());
+        assert!(
+            now >= used + 6 * blk,
+            "the holes were not allocated: {used} -> {now}"
+        );
+    }
+}
+
 /// Writes larger than the file storage's per-system-call piece (64 KiB through the page
 /// cache) at an odd offset, from uneven vectors, read back whole and around the edges.
 async fn large_writes_roundtrip(s: Arc<dyn Storage>, caps: &Caps) {
@@ -1097,6 +1124,11 @@ conformance! {
         file_direct_alignment_is_reported_and_enforced = file_direct,
         file_direct_inline_alignment_is_reported_and_enforced = file_direct_inline,
         null_alignment_is_reported_and_enforced = null;
+    allocate_keeps_bytes_and_size:
+        memory_allocate_keeps_bytes_and_size = memory,
+        file_buffered_allocate_keeps_bytes_and_size = file_buffered,
+        file_direct_allocate_keeps_bytes_and_size = file_direct,
+        null_allocate_keeps_bytes_and_size = null;
     resolve_name_follows_the_file:
         memory_resolve_name_follows_the_file = memory,
         hook_resolve_name_follows_the_file = hook,

@@ -142,6 +142,10 @@ pub struct Meta {
     /// Length the image file is to have by the next flush: the end of the last run of new
     /// clusters whose zero tail was left unwritten (0: nothing due).
     file_end_due: u64,
+    /// Host range covering the new runs since the last flush whose copy-on-write parts
+    /// were zeros and left unwritten (holes): allocated at the next flush, as QEMU
+    /// allocates such runs with zeros.
+    zero_span: Option<(u64, u64)>,
 }
 
 impl Meta {
@@ -154,6 +158,7 @@ impl Meta {
             prepared: false,
             free_byte: None,
             file_end_due: 0,
+            zero_span: None,
         }
     }
 
@@ -672,10 +677,14 @@ impl Qcow2Driver {
         let head_from = if fresh(e0) { offset / sc * sc } else { c_start };
         // Space past the end of the file reads as zeros already: copied zeros need no write.
         let fresh_space = !self.has_data_file() && new_host >= self.file.size()?;
+        // Whether a copy-on-write part was zeros and left as a hole.
+        let mut skipped = false;
         if offset > head_from {
             let mut head = vec![0u8; (offset - head_from) as usize];
             self.read_own(head_from, &mut head, below).await?;
-            if !(fresh_space && is_zero(&head)) {
+            if fresh_space && is_zero(&head) {
+                skipped = true;
+            } else {
                 self.data
                     .write_at(new_host + (head_from - c_start), &head)
                     .await?;
@@ -692,12 +701,25 @@ impl Qcow2Driver {
         if run_end < tail_end {
             let mut tail = vec![0u8; (tail_end - run_end) as usize];
             self.read_own(run_end, &mut tail, below).await?;
-            if !(fresh_space && is_zero(&tail)) {
+            if fresh_space && is_zero(&tail) {
+                skipped = true;
+            } else {
                 self.data
                     .write_at(new_host + (run_end - c_start), &tail)
                     .await?;
                 covered = tail_end;
             }
+        }
+        if skipped {
+            // QEMU writes zeros over the whole run (allocating it) when its copy-on-write
+            // parts are zeros; the holes left here get the same at the next flush, so the
+            // file occupies what QEMU's would (and QEMU does not take the image for a
+            // metadata-preallocated one).
+            let (start, end) = (new_host, new_host + n * cs);
+            meta.zero_span = Some(match meta.zero_span {
+                Some((a, b)) => (a.min(start), b.max(end)),
+                None => (start, end),
+            });
         }
         if fresh_space && covered < c_start + n * cs {
             // The rest of the new run reads as zeros already. As in QEMU, it becomes part of
@@ -1148,6 +1170,10 @@ impl Qcow2Driver {
             return Ok(());
         }
         let mut meta = self.meta.lock().await;
+        if let Some((start, end)) = meta.zero_span.take() {
+            // Allocation changes no byte: no need to wait for writes in flight.
+            self.file.allocate(start, end - start).await?;
+        }
         if meta.file_end_due == 0 {
             return self.flush_locked(&mut meta, durable).await;
         }

@@ -151,6 +151,10 @@ impl Storage for AlignedStorage {
         })
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        self.inner.allocate(offset, len)
+    }
+
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             // Advisory: only the whole blocks inside are released.

@@ -617,6 +617,21 @@ impl Storage for FileStorage {
         })
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if len == 0 || !self.writable {
+                return Ok(());
+            }
+            self.run("allocate", offset, move |f| {
+                match sys::fallocate(f, libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                    Err(e) if !is_unsupported(&e) => Err(e.into()),
+                    _ => Ok(()),
+                }
+            })
+            .await
+        })
+    }
+
     fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             check_request(self, "discard", offset, len, true)

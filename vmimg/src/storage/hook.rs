@@ -59,6 +59,13 @@ pub enum StorageOp {
         /// How new space is made.
         prealloc: PreallocMode,
     },
+    /// [`Storage::allocate`].
+    Allocate {
+        /// Where the range starts.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+    },
     /// [`Storage::extent`].
     Extent {
         /// Where the extent asked about starts.
@@ -256,6 +263,12 @@ impl<S: Storage, H: StorageHook<S>> Storage for HookStorage<S, H> {
     fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, Result<()>> {
         self.hooked(StorageOp::Resize { new_size, prealloc }, move |s| {
             s.resize(new_size, prealloc)
+        })
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        self.hooked(StorageOp::Allocate { offset, len }, move |s| {
+            s.allocate(offset, len)
         })
     }
 

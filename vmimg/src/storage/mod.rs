@@ -155,6 +155,15 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// long (at least 1 byte, at most `max_len`) that extent is. `offset` must be below size.
     fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, Result<(HostExtent, u64)>>;
 
+    /// Reserves space for `len` bytes at `offset` without changing a byte: holes in the
+    /// range become allocated zeros, data stays, the size does not change (`fallocate` with
+    /// `FALLOC_FL_KEEP_SIZE` on files). Best effort: storages that cannot do it succeed
+    /// doing nothing (the default).
+    fn allocate(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<()>> {
+        let _ = (offset, len);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Bytes of the medium actually occupied (`st_blocks * 512` for files), if known.
     fn allocated_size(&self) -> Option<u64> {
         None
