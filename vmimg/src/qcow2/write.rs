@@ -1171,8 +1171,11 @@ impl Qcow2Driver {
         }
         let mut meta = self.meta.lock().await;
         if let Some((start, end)) = meta.zero_span.take() {
-            // Allocation changes no byte: no need to wait for writes in flight.
-            self.file.allocate(start, end - start).await?;
+            // Allocation changes no byte: no need to wait for writes in flight. It is only
+            // for likeness with QEMU's files: a failure (a full disk) must not fail the flush.
+            if let Err(e) = self.file.allocate(start, end - start).await {
+                tracing::debug!("allocating {start:#x}..{end:#x} at flush: {e}");
+            }
         }
         if meta.file_end_due == 0 {
             return self.flush_locked(&mut meta, durable).await;
