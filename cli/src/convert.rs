@@ -325,10 +325,7 @@ impl CopyQueue {
     }
 
     async fn join_read(&mut self) -> Result<u64, Error> {
-        match self.reads.join_next().await {
-            Some(r) => joined(r),
-            None => Ok(0),
-        }
+        join_one(&mut self.reads).await
     }
 
     async fn writer_error(&mut self) -> Error {
@@ -596,11 +593,7 @@ async fn compressed_copy(
 }
 
 async fn join_one(set: &mut JoinSet<Result<u64, Error>>) -> Result<u64, Error> {
-    match set.join_next().await {
-        Some(Ok(r)) => r,
-        Some(Err(e)) => Err(Error::new(ErrorKind::Io, "copy task failed").with_source(e)),
-        None => Ok(0),
-    }
+    set.join_next().await.map_or(Ok(0), joined)
 }
 
 #[cfg(test)]

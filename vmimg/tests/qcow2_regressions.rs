@@ -14,50 +14,52 @@ use vmimg::qcow2::check::{check, CheckReport, Repair};
 use vmimg::storage::{BoxFuture, HookStorage, StorageHook, StorageOp};
 use vmimg::{FaultStorage, Image, MemoryStorage, PreallocMode, Qcow2Create, Qcow2Open, Storage};
 
-/// Keeps a copy of the memory storage's bytes at every sync.
-#[derive(Debug, Default)]
-struct Snapshots(Mutex<Vec<Vec<u8>>>);
+/// Keeps, at every sync, the images `capture` makes of the inner storage.
+#[derive(Debug)]
+struct AtSyncs<S> {
+    images: Mutex<Vec<Vec<u8>>>,
+    capture: fn(&S) -> Vec<Vec<u8>>,
+}
 
-impl Snapshots {
+impl<S> AtSyncs<S> {
     fn take(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.0.lock().unwrap())
+        std::mem::take(&mut self.images.lock().unwrap())
     }
 }
 
-impl StorageHook<MemoryStorage> for Snapshots {
-    fn before<'a>(&'a self, inner: &'a MemoryStorage, op: StorageOp) -> BoxFuture<'a, ()> {
+impl<S: Storage> StorageHook<S> for AtSyncs<S> {
+    fn before<'a>(&'a self, inner: &'a S, op: StorageOp) -> BoxFuture<'a, ()> {
         if op == StorageOp::Sync {
-            self.0.lock().unwrap().push(inner.to_vec());
+            let images = (self.capture)(inner);
+            self.images.lock().unwrap().extend(images);
         }
         Box::pin(async {})
     }
 }
 
 /// Memory storage that keeps a copy of its bytes at every sync.
-type SyncSnapshots = HookStorage<MemoryStorage, Snapshots>;
-
-/// Keeps 32 crash images of the [`FaultStorage`] at every sync.
-#[derive(Debug, Default)]
-struct CrashImages(Mutex<Vec<Vec<u8>>>);
-
-impl CrashImages {
-    fn take(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.0.lock().unwrap())
-    }
-}
-
-impl StorageHook<FaultStorage> for CrashImages {
-    fn before<'a>(&'a self, inner: &'a FaultStorage, op: StorageOp) -> BoxFuture<'a, ()> {
-        if op == StorageOp::Sync {
-            let mut images = self.0.lock().unwrap();
-            images.extend((0..32).map(|seed| inner.crash_image(seed)));
-        }
-        Box::pin(async {})
-    }
+fn sync_snapshots() -> HookStorage<MemoryStorage, AtSyncs<MemoryStorage>> {
+    let capture = |m: &MemoryStorage| vec![m.to_vec()];
+    HookStorage::new(
+        MemoryStorage::new(),
+        AtSyncs {
+            images: Mutex::default(),
+            capture,
+        },
+    )
 }
 
 /// A [`FaultStorage`] that keeps 32 crash images at every sync.
-type CrashesAtSyncs = HookStorage<FaultStorage, CrashImages>;
+fn crashes_at_syncs() -> HookStorage<FaultStorage, AtSyncs<FaultStorage>> {
+    let capture = |f: &FaultStorage| (0..32).map(|seed| f.crash_image(seed)).collect();
+    HookStorage::new(
+        FaultStorage::new(),
+        AtSyncs {
+            images: Mutex::default(),
+            capture,
+        },
+    )
+}
 
 const CS: u64 = 64 << 10;
 
@@ -161,7 +163,7 @@ async fn compressed_writes_work_with_narrow_refcounts() {
 /// value must be the current one plus the decreases not yet on disk.
 #[tokio::test]
 async fn refcounts_on_disk_cover_the_references_on_disk_at_every_sync() {
-    let s = Arc::new(SyncSnapshots::default());
+    let s = Arc::new(sync_snapshots());
     Qcow2Create::new(4 << 20)
         .create_on(s.as_ref(), None)
         .await
@@ -252,7 +254,7 @@ async fn a_grow_never_shows_bytes_a_synced_shrink_cut_off_even_after_a_crash() {
 /// written.
 #[tokio::test]
 async fn a_crash_inside_a_shrink_leaves_nothing_mapped_past_the_new_end() {
-    let s = Arc::new(SyncSnapshots::default());
+    let s = Arc::new(sync_snapshots());
     Qcow2Create::new(4 << 20)
         .create_on(s.as_ref(), None)
         .await
@@ -309,7 +311,7 @@ async fn a_crash_inside_a_shrink_leaves_nothing_mapped_past_the_new_end() {
 #[tokio::test]
 async fn narrow_refcounts_never_overflow_on_disk_when_a_cluster_is_freed_and_reused() {
     const CS: u64 = 4096;
-    let s = Arc::new(CrashesAtSyncs::default());
+    let s = Arc::new(crashes_at_syncs());
     Qcow2Create::new(8 << 20)
         .cluster_size(CS)
         .refcount_bits(4)
