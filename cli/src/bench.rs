@@ -68,7 +68,10 @@ pub async fn run(args: BenchArgs) -> CmdResult {
     if size == 0 || args.depth == 0 {
         return Err(usage_error("request size and depth must be positive"));
     }
-    let opts = cache_mode(OpenOptions::new().writable(args.write), &args.cache)?;
+    let opts = OpenOptions::new()
+        .writable(args.write)
+        .force_share(args.force_share);
+    let opts = cache_mode(opts, &args.cache)?;
     let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let img_size = image.size();
     if size > img_size {

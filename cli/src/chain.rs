@@ -74,8 +74,10 @@ fn chain_files(image: &Image) -> Vec<(Option<PathBuf>, String)> {
 }
 
 pub async fn commit(args: CommitArgs) -> CmdResult {
-    let top = open_image(&args.filename, args.format.as_deref(), false, false).await?;
-    let files = chain_files(&top);
+    let files = {
+        let top = open_image(&args.filename, args.format.as_deref(), false, false).await?;
+        chain_files(&top)
+    };
     if files.len() < 2 {
         return Err(usage_error("Image does not have a backing file"));
     }
@@ -90,15 +92,33 @@ pub async fn commit(args: CommitArgs) -> CmdResult {
                 .ok_or_else(|| usage_error(format!("'{b}' is not in the backing chain")))?
         }
     };
-    let (base_path, base_format) = &files[depth];
-    let base_path = base_path
-        .as_ref()
-        .ok_or_else(|| usage_error("the backing file is not a file"))?;
-    // The base is opened writable on its own (with its own backing chain below it).
+    // As qemu-img: `-b` implies `-d`, since the layers between the top and the base no
+    // longer match what they were written over.
+    let empty_top = !args.keep && args.base.is_none();
+    let path_of = |d: usize| {
+        files[d]
+            .0
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+            .ok_or_else(|| usage_error("the backing file is not a file"))
+    };
+    // The base is opened writable first; the layers above it are opened on top of that
+    // very handle, so that no file is open twice (its image locks would refuse that).
     let base = open_image_with(
-        &base_path.to_string_lossy(),
-        Some(base_format),
+        &path_of(depth)?,
+        Some(&files[depth].1),
         OpenOptions::new().writable(true),
+    )
+    .await?;
+    let mut below = base.clone();
+    for d in (1..depth).rev() {
+        let opts = OpenOptions::new().backing(below);
+        below = open_image_with(&path_of(d)?, Some(&files[d].1), opts).await?;
+    }
+    let top = open_image_with(
+        &args.filename,
+        Some(&files[0].1),
+        OpenOptions::new().writable(empty_top).backing(below),
     )
     .await?;
     if base.size() < top.size() {
@@ -122,11 +142,10 @@ pub async fn commit(args: CommitArgs) -> CmdResult {
         off += n;
     }
     base.sync().await?;
-    if !args.keep && depth == 1 {
+    if empty_top {
         // Empty the image: everything now falls through to the base, which holds it.
-        let top_rw = open_image(&args.filename, args.format.as_deref(), true, false).await?;
-        match top_rw.discard(0, size, DiscardMode::ReadsBacking).await {
-            Ok(()) => top_rw.sync().await?,
+        match top.discard(0, size, DiscardMode::ReadsBacking).await {
+            Ok(()) => top.sync().await?,
             Err(e) if e.kind() == ErrorKind::Unsupported => {}
             Err(e) => return Err(e),
         }

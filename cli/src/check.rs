@@ -14,7 +14,7 @@ use crate::CmdResult;
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
 use vmimg::qcow2::check::{check, CheckReport, Repair};
-use vmimg::{FileStorageOpen, Format};
+use vmimg::{FileStorageOpen, Format, Permissions, Storage};
 
 /// Exit status for images whose format has no check (qemu-img's).
 const NOT_SUPPORTED: u8 = 63;
@@ -42,7 +42,8 @@ pub struct CheckArgs {
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
-    /// Force share (accepted for compatibility).
+    /// Force share: open even if another process writes the image (its content may then
+    /// read inconsistently).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -55,18 +56,28 @@ pub async fn run(args: CheckArgs) -> CmdResult {
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
+    let writable = repair != Repair::None;
     let storage = FileStorageOpen::new(&args.filename)
-        .writable(repair != Repair::None)
+        .writable(writable)
         .open()
         .await?;
     let format = match &args.format {
         Some(f) => Format::from_name(f)?,
-        None => Format::probe(&storage).await?,
+        None => crate::probe_format(&storage).await?,
     };
     if format != Format::Qcow2 {
         eprintln!("vmimg: This image format does not support checks");
         return Ok(NOT_SUPPORTED);
     }
+    if writable && args.force_share {
+        return Err(crate::usage_error(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    let (perm, shared) = format.permissions(writable, Permissions::ALL, args.force_share);
+    storage
+        .set_permissions(perm, shared)
+        .map_err(|e| e.with_operation("open"))?;
     let human = args.output == OutputFormat::Human && !args.quiet;
 
     let first = check(&storage, repair).await?;

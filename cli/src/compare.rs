@@ -1,9 +1,9 @@
 //! `vmimg compare`: exit 0 identical, 1 different, 2 error (like qemu-img compare).
 
-use crate::{open_image, CmdResult};
+use crate::{open_image_with, CmdResult};
 use clap::Args;
 use vmimg::io_buf::is_zero;
-use vmimg::{Error, Image};
+use vmimg::{Error, Image, OpenOptions};
 
 /// Bytes compared per read.
 const CHUNK: u64 = 1 << 20;
@@ -29,6 +29,10 @@ pub struct CompareArgs {
     /// Quiet: print nothing, only set the exit status.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Force share: open even if another process writes the images (their content may
+    /// then read inconsistently).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// First image.
     a: String,
     /// Second image.
@@ -85,8 +89,9 @@ async fn first_nonzero(img: &Image, off: u64, end: u64) -> Result<Option<u64>, E
 }
 
 pub async fn run(args: CompareArgs) -> CmdResult {
-    let a = open_image(&args.a, args.format_a.as_deref(), false, false).await?;
-    let b = open_image(&args.b, args.format_b.as_deref(), false, false).await?;
+    let opts = OpenOptions::new().force_share(args.force_share);
+    let a = open_image_with(&args.a, args.format_a.as_deref(), opts.clone()).await?;
+    let b = open_image_with(&args.b, args.format_b.as_deref(), opts).await?;
     let say = |msg: String| {
         if !args.quiet {
             println!("{msg}");

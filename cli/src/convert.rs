@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use vmimg::io_buf::is_zero;
-use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
+use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions, Permissions};
 
 /// Size of one copy job.
 const CHUNK: u64 = 2 << 20;
@@ -63,7 +63,8 @@ pub struct ConvertArgs {
     /// or `ID_OR_NAME`.
     #[arg(short = 'l')]
     snapshot: Option<String>,
-    /// Force share (accepted for compatibility; images are opened read-only).
+    /// Force share: read the sources even if another process writes them (the copy may
+    /// then be inconsistent).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Cache mode of the output: `unsafe` (default, as in qemu-img: nothing waits for the
@@ -356,7 +357,11 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     let sparse = parse_size(&args.sparse_size).map_err(usage_error)? as usize;
     let jobs = args.jobs.clamp(1, 64);
 
-    let mut src_opts = cache_mode(OpenOptions::new(), &args.src_cache)?;
+    // As qemu-img: nobody may write or resize a source while it is copied.
+    let src_opts = OpenOptions::new()
+        .force_share(args.force_share)
+        .share(Permissions::ALL.without(Permissions::WRITE | Permissions::RESIZE));
+    let mut src_opts = cache_mode(src_opts, &args.src_cache)?;
     // The target's writes go one at a time, in order, on the jobs' own threads: a thread
     // hand-over per write cost about 15% of a plain copy's time, and nothing else runs on
     // this runtime that a write waiting for the disk could hold up.
@@ -377,6 +382,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         sources.push(img);
     }
 
+    refuse_aliased_target(dst_name, src_names, &sources)?;
     let mut opts = parse_options(&args.options)?;
     if let Some(b) = &args.backing {
         if out_format != Format::Qcow2 {
@@ -499,6 +505,37 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         b.finish();
     }
     Ok(0)
+}
+
+/// Refuses a target that is one of the files the sources are read from (a source itself
+/// under any name, or a file of a source's backing chain): creating or writing it would
+/// destroy what is being copied. The image locks refuse this too; this check also holds
+/// with `-U` and where the file system has no locks.
+fn refuse_aliased_target(dst: &str, names: &[String], sources: &[Image]) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(dst) else {
+        return Ok(());
+    };
+    let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    for (name, src) in names.iter().zip(sources) {
+        let mut layer = Some(src.clone());
+        while let Some(img) = layer {
+            let same = img
+                .driver()
+                .storage()
+                .path()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .is_some_and(|m| id(&m) == id(&target));
+            if same {
+                return Err(usage_error(format!(
+                    "'{dst}' is the source image '{name}' or a file of its backing chain: \
+                     converting onto it would destroy it"
+                )));
+            }
+            layer = img.backing();
+        }
+    }
+    Ok(())
 }
 
 /// Reads `buf.len()` bytes at `offset` of the concatenation of `sources` (image, base).

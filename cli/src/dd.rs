@@ -2,9 +2,9 @@
 
 use crate::create::raw_create_from_options;
 use crate::size::parse_size;
-use crate::{open_image, usage_error, CmdResult};
+use crate::{open_image_with, usage_error, CmdResult};
 use clap::Args;
-use vmimg::{Error, ErrorKind, Format, RawOpen};
+use vmimg::{Error, ErrorKind, Format, OpenOptions, RawOpen};
 
 #[derive(Args, Debug)]
 pub struct DdArgs {
@@ -14,6 +14,10 @@ pub struct DdArgs {
     /// Output format.
     #[arg(short = 'O', default_value = "raw")]
     out_format: String,
+    /// Force share: open even if another process writes the image (its content may then
+    /// read inconsistently).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Operands: `if=FILE`, `of=FILE`, `bs=SIZE` (default 512), `count=N`, `skip=N`.
     #[arg(required = true)]
     operands: Vec<String>,
@@ -63,7 +67,8 @@ pub async fn run(args: DdArgs) -> CmdResult {
             format!("dd to {} is not supported yet", args.out_format),
         ));
     }
-    let src = open_image(&ops.input, args.format.as_deref(), false, false).await?;
+    let opts = OpenOptions::new().force_share(args.force_share);
+    let src = open_image_with(&ops.input, args.format.as_deref(), opts).await?;
     // As qemu-img dd counts it: `count` blocks from the start of the input, of which the
     // first `skip` are skipped.
     let in_size = src.size();

@@ -1,11 +1,11 @@
 //! `vmimg info`: qemu-img info's human and JSON output.
 
 use crate::size::human_size;
-use crate::{open_image, CmdResult};
+use crate::{open_image_with, CmdResult};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
 use vmimg::format::{FormatSpecific, Qcow2Specific, SnapshotInfo};
-use vmimg::Image;
+use vmimg::{Image, OpenOptions};
 
 /// Output style of `info` and friends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -28,6 +28,10 @@ pub struct InfoArgs {
     /// Show every image of the backing chain.
     #[arg(long = "backing-chain")]
     backing_chain: bool,
+    /// Force share: open even if another process writes the image (its content may then
+    /// read inconsistently).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image.
     filename: String,
 }
@@ -283,7 +287,8 @@ pub fn info_human(image: &Image, filename: &str) -> String {
 }
 
 pub async fn run(args: InfoArgs) -> CmdResult {
-    let image = open_image(&args.filename, args.format.as_deref(), false, false).await?;
+    let opts = OpenOptions::new().force_share(args.force_share);
+    let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let mut chain = vec![(image.clone(), args.filename.clone())];
     if args.backing_chain {
         let mut cur = image;

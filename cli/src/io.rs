@@ -4,11 +4,11 @@
 //! every command, pipe or not). The exit status is 1 if any command failed, like qemu-io.
 
 use crate::size::{io_size, parse_size};
-use crate::{open_image, CmdResult};
+use crate::{open_image_with, CmdResult};
 use clap::Args;
 use std::io::{BufRead, Write};
 use std::time::Instant;
-use vmimg::{BlockStatus, DiscardMode, Image, PreallocMode};
+use vmimg::{BlockStatus, DiscardMode, Image, OpenOptions, PreallocMode};
 
 #[derive(Args, Debug)]
 pub struct IoArgs {
@@ -21,6 +21,9 @@ pub struct IoArgs {
     /// Bypass the host page cache (O_DIRECT).
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
+    /// Force share: open even if another process writes the image (read-only use only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Command to run (repeatable); without any, commands are read from standard input.
     #[arg(short = 'c', long = "cmd")]
     commands: Vec<String>,
@@ -381,13 +384,11 @@ impl Session {
 }
 
 pub async fn run(args: IoArgs) -> CmdResult {
-    let image = open_image(
-        &args.filename,
-        args.format.as_deref(),
-        !args.read_only,
-        args.nocache,
-    )
-    .await?;
+    let opts = OpenOptions::new()
+        .writable(!args.read_only)
+        .direct(args.nocache)
+        .force_share(args.force_share);
+    let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let mut session = Session {
         image,
         out: std::io::stdout(),

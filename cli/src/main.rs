@@ -121,6 +121,16 @@ pub async fn open_image_with(
     open.open().await
 }
 
+/// Probes the format of `storage`, unless `--untrusted` forbids probing.
+pub async fn probe_format(storage: &dyn vmimg::Storage) -> Result<Format, Error> {
+    if UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(usage_error(
+            "untrusted images need their format named: probing is unsafe on them",
+        ));
+    }
+    Format::probe(storage).await
+}
+
 /// An error about the command line itself.
 pub fn usage_error(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)

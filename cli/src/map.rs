@@ -2,11 +2,11 @@
 
 use crate::info::OutputFormat;
 use crate::size::parse_size;
-use crate::{open_image, usage_error, CmdResult};
+use crate::{open_image_with, usage_error, CmdResult};
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
-use vmimg::{BlockStatus, Error, ErrorKind, Image};
+use vmimg::{BlockStatus, Error, ErrorKind, Image, OpenOptions};
 
 /// Longest range asked of block_status at once.
 const STATUS_SPAN: u64 = 1 << 40;
@@ -25,6 +25,10 @@ pub struct MapArgs {
     /// Bytes to map from the start offset (default: to the end).
     #[arg(short = 'l', long = "max-length")]
     max_length: Option<String>,
+    /// Force share: open even if another process writes the image (its content may then
+    /// read inconsistently).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// The image.
     filename: String,
 }
@@ -110,7 +114,8 @@ pub async fn map_entries(image: &Image, start: u64, end: u64) -> Result<Vec<Entr
 }
 
 pub async fn run(args: MapArgs) -> CmdResult {
-    let image = open_image(&args.filename, args.format.as_deref(), false, false).await?;
+    let opts = OpenOptions::new().force_share(args.force_share);
+    let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let size = image.size();
     let start = parse_size(&args.start).map_err(usage_error)?.min(size);
     let end = match &args.max_length {

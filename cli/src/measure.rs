@@ -26,6 +26,10 @@ pub struct MeasureArgs {
     /// Convert this snapshot of the source: `snapshot.name=NAME` or `ID_OR_NAME`.
     #[arg(short = 'l')]
     snapshot: Option<String>,
+    /// Force share: open even if another process writes the image (its content may then
+    /// read inconsistently).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Output style.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -99,7 +103,7 @@ pub async fn run(args: MeasureArgs) -> CmdResult {
     let (size, data, bitmaps) = match (&args.size, &args.filename) {
         (Some(s), None) => (parse_size(s).map_err(usage_error)?, 0, None),
         (None, Some(f)) => {
-            let mut o = OpenOptions::new();
+            let mut o = OpenOptions::new().force_share(args.force_share);
             if let Some(p) = &args.snapshot {
                 o = o.snapshot(crate::convert::parse_snapshot_param(p)?);
             }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use vmimg::nbd::{NbdExport, NbdServer};
-use vmimg::{Error, OpenOptions};
+use vmimg::{Error, OpenOptions, Permissions};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Cache mode: writeback, writethrough, none, directsync, unsafe.
     #[arg(long = "cache", default_value = "writeback")]
     cache: String,
+    /// Force share: export even if another process writes the image (read-only exports
+    /// only).
+    #[arg(long = "force-share")]
+    force_share: bool,
     /// The image.
     file: String,
 }
@@ -59,7 +63,12 @@ pub async fn run(args: ServeArgs) -> CmdResult {
         "unmap" | "on" => true,
         other => return Err(usage_error(format!("Invalid discard option: {other}"))),
     };
-    let opts = cache_mode(OpenOptions::new().writable(!args.read_only), &args.cache)?;
+    // As qemu-nbd: nobody may resize the image while it is exported.
+    let opts = OpenOptions::new()
+        .writable(!args.read_only)
+        .force_share(args.force_share)
+        .share(Permissions::ALL.without(Permissions::RESIZE));
+    let opts = cache_mode(opts, &args.cache)?;
     let image = open_image_with(&args.file, args.format.as_deref(), opts).await?;
     let export = NbdExport::new(args.name.clone(), image.clone())
         .description(args.description.clone())

@@ -2,9 +2,9 @@
 //! supported yet).
 
 use crate::info::snapshot_table;
-use crate::{open_image, usage_error, CmdResult};
+use crate::{open_image_with, usage_error, CmdResult};
 use clap::Args;
-use vmimg::{Error, ErrorKind};
+use vmimg::{Error, ErrorKind, OpenOptions};
 
 #[derive(Args, Debug)]
 pub struct SnapshotArgs {
@@ -23,7 +23,8 @@ pub struct SnapshotArgs {
     /// Delete a snapshot.
     #[arg(short = 'd', value_name = "NAME")]
     delete: Option<String>,
-    /// Force share (accepted for compatibility).
+    /// Force share: open even if another process writes the image (its content may then
+    /// read inconsistently).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -40,7 +41,8 @@ pub async fn run(args: SnapshotArgs) -> CmdResult {
     if !args.list {
         return Err(usage_error("snapshot: one of -l, -c, -a, -d is required"));
     }
-    let image = open_image(&args.filename, args.format.as_deref(), false, false).await?;
+    let opts = OpenOptions::new().force_share(args.force_share);
+    let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let snapshots = image.describe().snapshots;
     print!("Snapshot list:\n{}", snapshot_table(&snapshots));
     Ok(0)

@@ -34,6 +34,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// A write was attempted on an image or storage opened read-only.
     ReadOnly,
+    /// Another user holds the image in a way that excludes this one (QEMU's image locks).
+    Locked,
 }
 
 impl ErrorKind {
@@ -47,6 +49,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => libc::ENOTSUP,
             ErrorKind::OutOfBounds | ErrorKind::InvalidArgument => libc::EINVAL,
             ErrorKind::ReadOnly => libc::EROFS,
+            ErrorKind::Locked => libc::EAGAIN,
         }
     }
 
@@ -63,6 +66,7 @@ impl ErrorKind {
             ErrorKind::OutOfBounds => "out of bounds",
             ErrorKind::InvalidArgument => "invalid argument",
             ErrorKind::ReadOnly => "read-only",
+            ErrorKind::Locked => "the image is in use by another process",
         }
     }
 }

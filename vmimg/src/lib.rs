@@ -49,6 +49,7 @@ pub use format::{
 pub use qcow2::{Qcow2Create, Qcow2Open};
 pub use raw::{RawCreate, RawOpen};
 pub use storage::{
-    FaultKind, FaultOp, FaultStorage, FileStorage, FileStorageOpen, HookStorage, MemoryStorage,
-    NullStorage, PreallocMode, Storage, StorageExt, StorageHook, StorageOp,
+    FaultKind, FaultOp, FaultStorage, FileStorage, FileStorageOpen, HookStorage, LockMode,
+    MemoryStorage, NullStorage, Permissions, PreallocMode, Storage, StorageExt, StorageHook,
+    StorageOp,
 };

@@ -215,3 +215,101 @@ pub fn random_command(rng: &mut fastrand::Rng, size: u64) -> String {
         _ => format!("read {off} {len}"),
     }
 }
+
+/// A tool that holds an image open, reading its commands from a pipe (qemu-io, `vmimg io`,
+/// a server): killed when dropped.
+pub struct Holder {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Holder {
+    /// Starts `program ARGS...`; when `probe` is given (a command such as `length`), sends
+    /// it and waits for its answer, so that the image is open when this returns.
+    pub fn start(program: PathBuf, args: &[&str], probe: Option<&str>) -> Holder {
+        use std::process::Stdio;
+        let mut child = Command::new(&program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let stdin = child.stdin.take();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut h = Holder {
+            child,
+            stdin,
+            stdout,
+        };
+        if let Some(cmd) = probe {
+            h.send(cmd);
+        }
+        h
+    }
+
+    /// `qemu-io ARGS...` holding its image.
+    pub fn qemu_io(args: &[&str]) -> Holder {
+        Holder::start(qemu_tool("qemu-io"), args, Some("length"))
+    }
+
+    /// `vmimg io ARGS...` holding its image.
+    pub fn vmimg_io(args: &[&str]) -> Holder {
+        let mut all = vec!["io"];
+        all.extend(args);
+        Holder::start(vmimg_bin(), &all, Some("length"))
+    }
+
+    /// Sends one command and waits for its first line of output; panics with the tool's
+    /// stderr if it exits instead.
+    pub fn send(&mut self, cmd: &str) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        writeln!(stdin, "{cmd}").and_then(|()| stdin.flush()).ok();
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).unwrap_or(0);
+        if n == 0 {
+            let status = self.child.wait().unwrap();
+            let mut err = String::new();
+            use std::io::Read;
+            self.child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .ok();
+            panic!("the holder exited ({status}) instead of answering '{cmd}':\n{err}");
+        }
+        line
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Closes its stdin (tools that read commands then exit by themselves) and waits at
+    /// most 20 s for it to exit; returns its exit status (`None` if killed by a signal).
+    pub fn finish(mut self) -> Option<i32> {
+        drop(self.stdin.take());
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "the holder did not exit within 20 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

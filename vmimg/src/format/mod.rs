@@ -20,7 +20,7 @@ pub use blocking::BlockingImage;
 pub use open::{ImageOpen, OpenOptions, DEFAULT_MAX_CHAIN_DEPTH};
 pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, PolicyDecision};
 
-use crate::storage::{BoxFuture, PreallocMode, Storage, StorageExt};
+use crate::storage::{BoxFuture, Permissions, PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use std::fmt;
 
@@ -71,6 +71,44 @@ impl Format {
         } else {
             Format::Raw
         })
+    }
+}
+
+impl Format {
+    /// What a user of an image of this format holds on the image file and what it lets
+    /// others do meanwhile (the permissions behind QEMU's image locks, see
+    /// [`Permissions`]), for a user that opens it `writable` and would share `shared`.
+    ///
+    /// Formats that keep metadata in the file (qcow2) never share writing or resizing:
+    /// another writer would corrupt it, and a reader would see it change underfoot. With
+    /// `force_share` (QEMU's `-U`, read-only users only) everything is shared.
+    pub fn permissions(
+        self,
+        writable: bool,
+        shared: Permissions,
+        force_share: bool,
+    ) -> (Permissions, Permissions) {
+        let mut perm = Permissions::CONSISTENT_READ;
+        if writable {
+            perm = perm | Permissions::WRITE;
+        }
+        let owns_metadata = match self {
+            Format::Raw => false,
+            Format::Qcow2 => true,
+        };
+        if force_share {
+            return (perm, Permissions::ALL);
+        }
+        if !owns_metadata {
+            return (perm, shared);
+        }
+        if writable {
+            perm = perm | Permissions::RESIZE;
+        }
+        (
+            perm,
+            shared.without(Permissions::WRITE | Permissions::RESIZE),
+        )
     }
 }
 

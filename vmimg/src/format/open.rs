@@ -5,7 +5,7 @@ use super::{
 };
 use crate::qcow2::{self, Qcow2Driver, Qcow2Params};
 use crate::raw::RawDriver;
-use crate::storage::{AlignedStorage, FileStorageOpen, Storage};
+use crate::storage::{AlignedStorage, FileStorageOpen, LockMode, Permissions, Storage};
 use crate::{Error, ErrorKind, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +32,7 @@ impl Source {
                     .direct(opts.direct)
                     .no_sync(opts.no_sync)
                     .inline_io(opts.inline_io)
+                    .locking(opts.locking)
                     .open()
                     .await?,
             ))),
@@ -63,6 +64,9 @@ pub struct OpenOptions {
     pub(crate) snapshot: Option<String>,
     pub(crate) max_chain_depth: usize,
     pub(crate) untrusted: bool,
+    pub(crate) locking: LockMode,
+    pub(crate) force_share: bool,
+    pub(crate) share: Permissions,
 }
 
 impl Default for OpenOptions {
@@ -79,6 +83,9 @@ impl Default for OpenOptions {
             snapshot: None,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             untrusted: false,
+            locking: LockMode::Auto,
+            force_share: false,
+            share: Permissions::ALL,
         }
     }
 }
@@ -113,6 +120,31 @@ impl OpenOptions {
             self.policy = ImplicitOpenPolicy::deny();
             self.l2_cache_bytes = self.l2_cache_bytes.min(4 << 20);
         }
+        self
+    }
+
+    /// Whether files this open creates are locked QEMU's way (default [`LockMode::Auto`]:
+    /// wherever the file system supports it). Locks make QEMU's tools and vmimg exclude
+    /// each other: a qcow2 image one of them writes cannot be opened by the other, and
+    /// nobody writes a qcow2 image that another process reads (see [`Permissions`]).
+    pub fn locking(mut self, mode: LockMode) -> Self {
+        self.locking = mode;
+        self
+    }
+
+    /// Share every permission with other users, whatever the format would refuse (QEMU's
+    /// `-U`/`force-share`): the image can then be read while another process writes it,
+    /// at the risk of reading inconsistent data. Only for read-only opens.
+    pub fn force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
+        self
+    }
+
+    /// What other users may do with the image file while this handle is open (default:
+    /// everything the format allows; qcow2 never shares writing nor resizing). A copy's
+    /// source would refuse writing and resizing, as `qemu-img convert` does.
+    pub fn share(mut self, shared: Permissions) -> Self {
+        self.share = shared;
         self
     }
 
@@ -244,6 +276,18 @@ impl ImageOpen {
         self
     }
 
+    /// Share everything with other users (see [`OpenOptions::force_share`]).
+    pub fn force_share(mut self, force_share: bool) -> Self {
+        self.opts = self.opts.force_share(force_share);
+        self
+    }
+
+    /// Lock mode for the files opened (see [`OpenOptions::locking`]).
+    pub fn locking(mut self, mode: LockMode) -> Self {
+        self.opts = self.opts.locking(mode);
+        self
+    }
+
     /// The policy for files named inside the image (see [`OpenOptions::policy`]).
     pub fn policy(mut self, policy: ImplicitOpenPolicy) -> Self {
         self.opts = self.opts.policy(policy);
@@ -297,7 +341,27 @@ fn policy_request<'a>(
         direct: opts.direct,
         no_sync: opts.no_sync,
         inline_io: opts.inline_io,
+        locking: opts.locking,
     }
+}
+
+/// What a layer's user holds and shares: the top layer as its format and the options say,
+/// backing files as QEMU's backing role (read, and nobody writes or resizes them).
+fn layer_permissions(
+    format: Format,
+    top: bool,
+    writable: bool,
+    opts: &OpenOptions,
+) -> (Permissions, Permissions) {
+    if top {
+        return format.permissions(writable, opts.share, opts.force_share);
+    }
+    let shared = if opts.force_share {
+        Permissions::ALL
+    } else {
+        Permissions::ALL.without(Permissions::WRITE | Permissions::RESIZE)
+    };
+    (Permissions::CONSISTENT_READ, shared)
 }
 
 /// Opens `storage` as an image of `format` (probed when `None`) and, layer by layer, the
@@ -308,6 +372,12 @@ pub(crate) async fn open_chain(
     format: Option<Format>,
     opts: &OpenOptions,
 ) -> Result<Image> {
+    if opts.force_share && opts.writable {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "force-share=on can only be used with read-only images",
+        ));
+    }
     let mut layers: Vec<Arc<dyn FormatDriver>> = Vec::new();
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut current = Some((storage, format));
@@ -349,6 +419,8 @@ pub(crate) async fn open_chain(
             Some(p) if !top => e.with_path(p),
             _ => e,
         };
+        let (perm, shared) = layer_permissions(format, top, writable, opts);
+        storage.set_permissions(perm, shared).map_err(layer_err)?;
         match format {
             Format::Raw => {
                 if top && (opts.backing.is_some() || opts.data_file.is_some()) {
@@ -403,6 +475,9 @@ pub(crate) async fn open_chain(
                     }
                     (_, None) => None,
                 };
+                if let Some(d) = &data_file {
+                    d.set_permissions(perm, shared).map_err(layer_err)?;
+                }
                 let driver = Qcow2Driver::open(Qcow2Params {
                     file: Arc::clone(&storage),
                     header: header.clone(),
@@ -500,6 +575,18 @@ macro_rules! format_open_builder {
             /// Replaces all options at once.
             pub fn options(mut self, opts: $crate::format::OpenOptions) -> Self {
                 self.opts = opts;
+                self
+            }
+
+            /// Share everything with other users (see [`OpenOptions::force_share`](crate::format::OpenOptions::force_share)).
+            pub fn force_share(mut self, force_share: bool) -> Self {
+                self.opts = self.opts.force_share(force_share);
+                self
+            }
+
+            /// Lock mode for the files opened (see [`OpenOptions::locking`](crate::format::OpenOptions::locking)).
+            pub fn locking(mut self, mode: $crate::storage::LockMode) -> Self {
+                self.opts = self.opts.locking(mode);
                 self
             }
 

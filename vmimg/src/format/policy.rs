@@ -5,7 +5,7 @@
 //! this object, which the caller chooses: [`ImplicitOpenPolicy::permissive`] (qemu-img's
 //! behaviour), [`ImplicitOpenPolicy::deny`] (untrusted images), or a custom decision.
 
-use crate::storage::{AlignedStorage, FileStorageOpen, Storage};
+use crate::storage::{AlignedStorage, FileStorageOpen, LockMode, Storage};
 use crate::{Error, ErrorKind, Result};
 use std::fmt;
 use std::path::Path;
@@ -48,6 +48,8 @@ pub struct ImplicitOpenRequest<'a> {
     pub no_sync: bool,
     /// Whether file I/O is to run on the calling thread (`OpenOptions::inline_io`).
     pub inline_io: bool,
+    /// Whether the file is to be locked (`OpenOptions::locking`).
+    pub locking: LockMode,
 }
 
 /// What a custom policy decides.
@@ -131,6 +133,7 @@ impl ImplicitOpenPolicy {
                     .direct(req.direct)
                     .no_sync(req.no_sync)
                     .inline_io(req.inline_io)
+                    .locking(req.locking)
                     .open()
                     .await?;
                 Ok(AlignedStorage::wrap(Arc::new(storage)))
@@ -169,6 +172,7 @@ mod tests {
             direct: false,
             no_sync: false,
             inline_io: false,
+            locking: LockMode::Auto,
         }
     }
 

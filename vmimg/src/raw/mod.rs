@@ -3,7 +3,7 @@
 use crate::format::{
     ChainView, DiscardMode, Format, FormatDriver, MapKind, MapQuery, Mapping, WriteTarget,
 };
-use crate::storage::{BoxFuture, FileStorageOpen, HostExtent, PreallocMode, Storage};
+use crate::storage::{BoxFuture, FileStorageOpen, HostExtent, Permissions, PreallocMode, Storage};
 use crate::{Error, ErrorKind, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,7 +146,20 @@ impl FormatDriver for RawDriver {
         _below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.storage.resize(new_size, prealloc).await?;
+            // Resizing needs the resize permission (QEMU's raw images share it otherwise):
+            // taken for the operation, refused if another user does not share it.
+            let (perm, shared) = self.storage.permissions();
+            let raise = !perm.contains(Permissions::RESIZE);
+            if raise {
+                self.storage
+                    .set_permissions(perm | Permissions::RESIZE, shared)?;
+            }
+            let r = self.storage.resize(new_size, prealloc).await;
+            if raise {
+                // Dropping a permission cannot conflict with anyone.
+                let _ = self.storage.set_permissions(perm, shared);
+            }
+            r?;
             self.size
                 .store(round_to_sector(new_size), Ordering::Release);
             Ok(())

@@ -1,6 +1,8 @@
 //! [`AlignedStorage`]: requests of any alignment on a storage that needs aligned ones.
 
-use super::{iov_len, BoxFuture, HostExtent, PreallocMode, ResolvedName, Storage, StorageExt};
+use super::{
+    iov_len, BoxFuture, HostExtent, Permissions, PreallocMode, ResolvedName, Storage, StorageExt,
+};
 use crate::Result;
 use std::io::{IoSlice, IoSliceMut};
 use std::path::Path;
@@ -186,6 +188,14 @@ impl Storage for AlignedStorage {
 
     fn allocated_size(&self) -> Option<u64> {
         self.inner.allocated_size()
+    }
+
+    fn set_permissions(&self, perm: Permissions, shared: Permissions) -> Result<()> {
+        self.inner.set_permissions(perm, shared)
+    }
+
+    fn permissions(&self) -> (Permissions, Permissions) {
+        self.inner.permissions()
     }
 
     fn resolve_name(&self, name: &str) -> Result<ResolvedName> {

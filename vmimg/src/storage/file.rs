@@ -14,6 +14,7 @@
 //! gap without a second I/O engine. With `O_DIRECT` the pool reached 0.67x of io_uring at 4 KiB
 //! and parity at 1 MiB.
 
+use super::lock::{FileLocks, LockBytes, LockMode, Permissions};
 use super::sys;
 use super::{check_request, iov_len, BoxFuture, HostExtent, PreallocMode, Storage};
 use crate::io_buf::{AlignedBuf, BufPool};
@@ -43,6 +44,7 @@ pub struct FileStorageOpen {
     create: bool,
     no_sync: bool,
     inline_io: bool,
+    locking: LockMode,
 }
 
 impl FileStorageOpen {
@@ -55,7 +57,15 @@ impl FileStorageOpen {
             create: false,
             no_sync: false,
             inline_io: false,
+            locking: LockMode::Auto,
         }
+    }
+
+    /// Whether the file is locked QEMU's way when a user states its permissions
+    /// ([`Storage::set_permissions`]); [`LockMode::Auto`] by default.
+    pub fn locking(mut self, mode: LockMode) -> Self {
+        self.locking = mode;
+        self
     }
 
     /// Open for writing too.
@@ -90,6 +100,10 @@ impl FileStorageOpen {
     }
 
     /// Create the file if missing and truncate it to zero length (implies writable).
+    ///
+    /// As qemu-img does, the file is locked for writing and resizing (sharing everything
+    /// but resizing) *before* it is truncated: a file another process holds as a qcow2
+    /// image (reader or writer) is refused, not emptied. Block devices are not truncated.
     pub fn create(mut self, create: bool) -> Self {
         self.create = create;
         if create {
@@ -122,7 +136,8 @@ impl FileStorageOpen {
         let mut opts = OpenOptions::new();
         opts.read(true).write(self.writable);
         if self.create {
-            opts.create(true).truncate(true);
+            // Truncated below, once the locks say nobody else uses the file.
+            opts.create(true);
         }
         if self.direct {
             opts.custom_flags(libc::O_DIRECT);
@@ -147,7 +162,9 @@ impl FileStorageOpen {
         } else {
             (1, 1)
         };
-        Ok(FileStorage {
+        use std::os::unix::fs::FileTypeExt;
+        let block_device = meta.file_type().is_block_device();
+        let storage = FileStorage {
             nowait_read: AtomicBool::new(!self.direct),
             nowait_write: AtomicBool::new(!self.direct),
             file: Arc::new(file),
@@ -158,7 +175,19 @@ impl FileStorageOpen {
             inline_io: self.inline_io,
             mem_align,
             request_align,
-        })
+            block_device,
+            locks: FileLocks::new(self.locking),
+        };
+        if self.create {
+            storage.set_permissions(
+                Permissions::WRITE | Permissions::RESIZE,
+                Permissions::ALL.without(Permissions::RESIZE),
+            )?;
+            if !block_device {
+                storage.file.set_len(0)?;
+            }
+        }
+        Ok(storage)
     }
 }
 
@@ -175,6 +204,10 @@ pub struct FileStorage {
     inline_io: bool,
     mem_align: usize,
     request_align: usize,
+    /// A block device: its size comes from the device, and it cannot be resized.
+    block_device: bool,
+    /// QEMU-compatible image locks on this open file description.
+    locks: FileLocks,
     /// Whether the `RWF_NOWAIT` read fast path is worth trying (buffered files where the
     /// kernel supports it; switched off at the first EOPNOTSUPP).
     nowait_read: AtomicBool,
@@ -199,6 +232,11 @@ impl FileStorage {
     /// Whether the file was opened with `O_DIRECT`.
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// Whether the file is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
     }
 
     fn ctx(&self, err: Error, op: &'static str, offset: u64) -> Error {
@@ -324,8 +362,7 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 // O_DIRECT refuses the unaligned offset a short read at end of file leaves.
-                if e.raw_os_error() == Some(libc::EINVAL)
-                    && offset + done as u64 >= file.metadata()?.len()
+                if e.raw_os_error() == Some(libc::EINVAL) && offset + done as u64 >= file_len(file)?
                 {
                     break;
                 }
@@ -367,6 +404,32 @@ fn gather(bufs: &[IoSlice<'_>], mut skip: usize, dst: &mut [u8]) {
     }
 }
 
+/// Length of a regular file, or size of a block device (whose `st_size` is 0).
+fn file_len(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    use std::os::unix::fs::FileTypeExt;
+    if meta.file_type().is_block_device() {
+        use std::io::Seek;
+        let mut f = file;
+        return f.seek(io::SeekFrom::End(0));
+    }
+    Ok(meta.len())
+}
+
+/// The lock bytes of an open file, as OFD locks.
+struct OfdBytes<'a>(&'a File);
+
+impl LockBytes for OfdBytes<'_> {
+    fn set(&self, byte: u64, locked: bool) -> io::Result<()> {
+        let l_type = if locked { libc::F_RDLCK } else { libc::F_UNLCK };
+        sys::ofd_setlk(self.0, byte, l_type)
+    }
+
+    fn held_elsewhere(&self, byte: u64) -> io::Result<bool> {
+        sys::ofd_locked_elsewhere(self.0, byte)
+    }
+}
+
 fn is_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -394,7 +457,7 @@ fn zero_range(file: &File, offset: u64, len: u64, may_unmap: bool) -> io::Result
         // Punch the part inside the file. Past its end the file is grown by ZERO_RANGE
         // (then punched too): growing with set_len could cut short a racing write that
         // has just grown the file further.
-        let eof = file.metadata()?.len();
+        let eof = file_len(file)?;
         let inside = end.min(eof);
         if offset < inside {
             match punch_hole(file, offset, inside - offset) {
@@ -430,7 +493,7 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 fn resize_sync(file: &File, new_size: u64, prealloc: PreallocMode, align: u64) -> io::Result<()> {
-    let old = file.metadata()?.len();
+    let old = file_len(file)?;
     if new_size <= old {
         return file.set_len(new_size);
     }
@@ -455,7 +518,7 @@ fn resize_sync(file: &File, new_size: u64, prealloc: PreallocMode, align: u64) -
 }
 
 fn extent_sync(file: &File, offset: u64, max_len: u64) -> io::Result<(HostExtent, u64)> {
-    let size = file.metadata()?.len();
+    let size = file_len(file)?;
     let end = offset.saturating_add(max_len).min(size);
     if offset >= end {
         return Ok((HostExtent::Hole, max_len.max(1)));
@@ -475,10 +538,7 @@ fn extent_sync(file: &File, offset: u64, max_len: u64) -> io::Result<(HostExtent
 
 impl Storage for FileStorage {
     fn size(&self) -> Result<u64> {
-        self.file
-            .metadata()
-            .map(|m| m.len())
-            .map_err(|e| self.ctx(e.into(), "stat", 0))
+        file_len(&self.file).map_err(|e| self.ctx(e.into(), "stat", 0))
     }
 
     fn mem_align(&self) -> usize {
@@ -637,7 +697,7 @@ impl Storage for FileStorage {
             check_request(self, "discard", offset, len, true)
                 .map_err(|e| e.with_path(&self.path))?;
             self.run("discard", offset, move |f| {
-                let end = (offset + len).min(f.metadata()?.len());
+                let end = (offset + len).min(file_len(f)?);
                 if offset >= end {
                     return Ok(());
                 }
@@ -667,6 +727,17 @@ impl Storage for FileStorage {
         Box::pin(async move {
             check_request(self, "resize", new_size, 0, true)
                 .map_err(|e| e.with_path(&self.path))?;
+            if self.block_device {
+                // As QEMU: a device keeps its size.
+                if new_size == self.size()? {
+                    return Ok(());
+                }
+                return Err(self.ctx(
+                    Error::new(ErrorKind::Unsupported, "Cannot resize device files"),
+                    "resize",
+                    new_size,
+                ));
+            }
             let align = self.request_align as u64;
             self.run("resize", new_size, move |f| {
                 Ok(resize_sync(f, new_size, prealloc, align)?)
@@ -683,6 +754,17 @@ impl Storage for FileStorage {
 
     fn allocated_size(&self) -> Option<u64> {
         self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn set_permissions(&self, perm: Permissions, shared: Permissions) -> Result<()> {
+        let name = self.path.display().to_string();
+        self.locks
+            .set(&OfdBytes(&self.file), &name, perm, shared)
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    fn permissions(&self) -> (Permissions, Permissions) {
+        self.locks.get()
     }
 }
 

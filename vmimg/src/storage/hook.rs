@@ -8,7 +8,7 @@
 //!                                     +--------> hook.after(inner, op, outcome)
 //! ```
 
-use super::{iov_len, BoxFuture, HostExtent, PreallocMode, ResolvedName, Storage};
+use super::{iov_len, BoxFuture, HostExtent, Permissions, PreallocMode, ResolvedName, Storage};
 use crate::{Error, Result};
 use std::fmt;
 use std::io::{IoSlice, IoSliceMut};
@@ -280,6 +280,14 @@ impl<S: Storage, H: StorageHook<S>> Storage for HookStorage<S, H> {
 
     fn allocated_size(&self) -> Option<u64> {
         self.inner.allocated_size()
+    }
+
+    fn set_permissions(&self, perm: Permissions, shared: Permissions) -> Result<()> {
+        self.inner.set_permissions(perm, shared)
+    }
+
+    fn permissions(&self) -> (Permissions, Permissions) {
+        self.inner.permissions()
     }
 
     fn resolve_name(&self, name: &str) -> Result<ResolvedName> {

@@ -24,6 +24,7 @@ mod aligned;
 mod fault;
 mod file;
 mod hook;
+mod lock;
 mod memory;
 mod null;
 mod sys;
@@ -32,6 +33,7 @@ pub use aligned::AlignedStorage;
 pub use fault::{FaultKind, FaultOp, FaultStorage};
 pub use file::{FileStorage, FileStorageOpen};
 pub use hook::{HookStorage, StorageHook, StorageOp};
+pub use lock::{LockMode, Permissions};
 pub use memory::MemoryStorage;
 pub use null::NullStorage;
 
@@ -167,6 +169,21 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// Bytes of the medium actually occupied (`st_blocks * 512` for files), if known.
     fn allocated_size(&self) -> Option<u64> {
         None
+    }
+
+    /// States what this user does with the storage (`perm`) and what it lets other users do
+    /// meanwhile (`shared`), replacing what was stated before. Files turn both into QEMU's
+    /// image locks (see [`Permissions`]), so that QEMU's tools and vmimg exclude each other;
+    /// a conflict fails with [`ErrorKind::Locked`] and leaves the previous state. Storages
+    /// no other process can reach succeed doing nothing (the default).
+    fn set_permissions(&self, perm: Permissions, shared: Permissions) -> Result<()> {
+        let _ = (perm, shared);
+        Ok(())
+    }
+
+    /// The permissions last stated: `(held, shared)`.
+    fn permissions(&self) -> (Permissions, Permissions) {
+        (Permissions::NONE, Permissions::ALL)
     }
 
     /// Resolves a file name found inside an image stored here (a backing file, a data file).

@@ -1,5 +1,6 @@
 //! Linux system calls the standard library does not wrap: `fallocate`, `lseek` with
-//! `SEEK_DATA`/`SEEK_HOLE`, and `statx` for direct-I/O alignment. All `unsafe` of the file
+//! `SEEK_DATA`/`SEEK_HOLE`, `statx` for direct-I/O alignment, OFD locks (`fcntl`) and the
+//! block-device discard ioctl. All `unsafe` of the file
 //! storage lives here; every function takes a borrowed `File`, so the descriptor is open for
 //! the duration of the call.
 
@@ -134,4 +135,48 @@ pub(super) fn pwritev2_nowait(
         )
     };
     byte_count(r)
+}
+
+/// An OFD lock request on one byte: `l_type` `F_RDLCK`, `F_WRLCK` or `F_UNLCK`.
+fn ofd_lock(byte: u64, l_type: libc::c_int) -> io::Result<libc::flock> {
+    // SAFETY: `flock` is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start =
+        libc::off_t::try_from(byte).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    fl.l_len = 1;
+    // OFD locks require l_pid 0 (already, from the zeroed struct).
+    Ok(fl)
+}
+
+/// Takes (`F_RDLCK`) or releases (`F_UNLCK`) an open-file-description lock on one byte,
+/// without waiting.
+pub(super) fn ofd_setlk(file: &File, byte: u64, l_type: libc::c_int) -> io::Result<()> {
+    let fl = ofd_lock(byte, l_type)?;
+    loop {
+        // SAFETY: the descriptor comes from a live `&File`, and `fl` is a valid, initialised
+        // `struct flock` that the kernel only reads for F_OFD_SETLK.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Whether an open file description other than this one holds a lock on `byte` that an
+/// exclusive lock would conflict with (`F_OFD_GETLK`).
+pub(super) fn ofd_locked_elsewhere(file: &File, byte: u64) -> io::Result<bool> {
+    let mut fl = ofd_lock(byte, libc::F_WRLCK)?;
+    // SAFETY: the descriptor comes from a live `&File`; `fl` is a valid `struct flock` that
+    // the kernel reads and overwrites in place for F_OFD_GETLK.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
