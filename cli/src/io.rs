@@ -279,8 +279,11 @@ impl Session {
         } else {
             "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset"
         };
-        let p = parse_words(words, "P", "bcCfnqruz")?;
+        let p = parse_words(words, "Ps", "bcCfnqruz")?;
         let pattern = p.value('P').map(parse_pattern).transpose()?.unwrap_or(0xcd);
+        if p.has('P') && p.has('s') {
+            return Err("-P and -s cannot be specified at the same time".into());
+        }
         let (off, lens) = Self::off_lens(&p, vectored, usage)?;
         let total: u64 = lens.iter().sum();
         if p.has('u') && !p.has('z') {
@@ -296,11 +299,19 @@ impl Session {
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
         } else {
-            let buf = vec![
-                pattern;
-                usize::try_from(total)
-                    .map_err(|_| "write failed: too large".to_string())?
-            ];
+            let n = usize::try_from(total).map_err(|_| "write failed: too large".to_string())?;
+            let buf = match p.value('s') {
+                // As qemu-io: the file's bytes, repeated to fill the request.
+                Some(file) => {
+                    let data =
+                        std::fs::read(file).map_err(|e| format!("open {file} failed: {e}"))?;
+                    if data.is_empty() {
+                        return Err(format!("{file} is empty"));
+                    }
+                    data.iter().copied().cycle().take(n).collect()
+                }
+                None => vec![pattern; n],
+            };
             self.image
                 .write(off, &buf)
                 .await

@@ -118,7 +118,21 @@ pub async fn open_image_with(
     if let Some(f) = format {
         open = open.format(Format::from_name(f)?);
     }
-    open.open().await
+    let image = open.open().await?;
+    if format.is_none() && image.format() == Format::Raw && image.is_writable() {
+        warn_probed_raw(path);
+    }
+    Ok(image)
+}
+
+/// QEMU's warning for a writable image whose format was probed as raw.
+pub fn warn_probed_raw(path: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
+         the restrictions."
+    );
 }
 
 /// Probes the format of `storage`, unless `--untrusted` forbids probing.

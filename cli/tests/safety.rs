@@ -132,3 +132,201 @@ fn commit_into_a_locked_chain_works_and_b_implies_d() {
     assert!(!top_present(d), "commit without -d kept the top's data");
     qemu_io_in(d, ["-f", "qcow2", "-c", "read -P 0x22 1M 1M", "top.qcow2"]).ok();
 }
+
+/// Images of every format QEMU's probe knows but vmimg cannot open yet, made by qemu-img
+/// where it can and from the formats' magic otherwise.
+fn foreign_images(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let mut out = Vec::new();
+    for f in ["vmdk", "vhdx", "vdi", "vpc", "qed", "parallels", "qcow"] {
+        let p = dir.join(format!("img.{f}"));
+        qemu_img(["create", "-q", "-f", f, s(&p), "1M"]).ok();
+        out.push((f.to_string(), p));
+    }
+    let luks = dir.join("img.luks");
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        "secret,id=s0,data=secret",
+        "-o",
+        "key-secret=s0,iter-time=10",
+        s(&luks),
+        "1M",
+    ])
+    .ok();
+    out.push(("luks".into(), luks));
+    let mut bochs = vec![0u8; 1 << 20];
+    bochs[..22].copy_from_slice(b"Bochs Virtual HD Image");
+    bochs[0x20..0x27].copy_from_slice(b"Redolog");
+    bochs[0x30..0x37].copy_from_slice(b"Growing");
+    bochs[0x40..0x44].copy_from_slice(&0x0002_0000u32.to_le_bytes());
+    let cloop =
+        b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
+    let mut cloop_img = vec![0u8; 1 << 20];
+    cloop_img[..cloop.len()].copy_from_slice(cloop);
+    for (name, bytes) in [
+        ("bochs", bochs),
+        ("cloop", cloop_img),
+        ("dmg", vec![7u8; 1 << 20]),
+    ] {
+        let p = dir.join(format!("img.{name}"));
+        std::fs::write(&p, bytes).unwrap();
+        out.push((name.to_string(), p));
+    }
+    out
+}
+
+/// A format vmimg cannot open is refused by name, never read as raw: no command reads it
+/// (convert would copy its metadata as data) or writes it (a write at 0 would overwrite
+/// its header), and the file is left as it was. QEMU's probe agrees on every name.
+#[test]
+fn probing_refuses_every_format_it_cannot_open() {
+    let dir = tempdir();
+    for (name, path) in foreign_images(dir.path()) {
+        let before = std::fs::read(&path).unwrap();
+        let trace = qemu_img(["--trace", "bdrv_open_common", "info", s(&path)]);
+        assert!(
+            trace.stderr.contains(&format!("format_name \"{name}\"")),
+            "qemu-img does not probe {name}: {}",
+            trace.stderr
+        );
+        let want = format!("format '{name}' is not supported");
+        let out = dir.path().join("out.raw");
+        for args in [
+            vec!["info", s(&path)],
+            vec!["convert", "-O", "raw", s(&path), s(&out)],
+            vec!["io", "-c", "write 0 512", s(&path)],
+            vec!["map", s(&path)],
+            vec!["check", s(&path)],
+            vec!["compare", s(&path), s(&path)],
+        ] {
+            let r = vmimg(&args);
+            assert_ne!(r.status, 0, "{args:?}: {r:?}");
+            assert!(r.stderr.contains(&want), "{args:?}: {}", r.stderr);
+        }
+        assert!(!out.exists(), "convert of {name} created an output");
+        assert!(std::fs::read(&path).unwrap() == before, "{name} changed");
+        // Named as raw, it is read as raw (the user asked for it).
+        vmimg(["info", "-f", "raw", s(&path)]).ok();
+    }
+}
+
+/// As QEMU's raw driver: a writable image whose format was probed (raw) refuses writes that
+/// would make block 0 probe as another format (EPERM), whether the write is whole or the
+/// last bytes of a header already half there; named `-f raw`, the same write goes through.
+#[test]
+fn block_0_of_a_probed_raw_image_cannot_become_another_format() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let hdr = dir.path().join("qcow2-header.bin");
+    let mut h = b"QFI\xfb\0\0\0\x03".to_vec();
+    h.resize(512, 0);
+    std::fs::write(&hdr, &h).unwrap();
+    let r = vmimg(["io", "-c", &format!("write -s {} 0 512", s(&hdr)), s(&img)]);
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(r.stdout.contains("Operation not permitted"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("WARNING: Image format was not specified for"),
+        "{}",
+        r.stderr
+    );
+    // The same through qemu-io, for comparison.
+    let q = qemu_io(["-c", &format!("write -s {} 0 512", s(&hdr)), s(&img)]);
+    assert!(q.stdout.contains("Operation not permitted"), "{q:?}");
+    // A header built in two writes: the magic alone still probes raw (version 0), the
+    // version that completes it is refused (the whole new sector is checked).
+    let magic = dir.path().join("magic.bin");
+    std::fs::write(&magic, b"QFI\xfb").unwrap();
+    let version = dir.path().join("version.bin");
+    std::fs::write(&version, [0, 0, 0, 3]).unwrap();
+    vmimg(["io", "-c", &format!("write -s {} 0 4", s(&magic)), s(&img)]).ok();
+    let r = vmimg([
+        "io",
+        "-c",
+        &format!("write -s {} 4 4", s(&version)),
+        s(&img),
+    ]);
+    assert!(r.stdout.contains("Operation not permitted"), "{r:?}");
+    // Zeros, data past block 0 and plain data are fine.
+    vmimg([
+        "io",
+        "-c",
+        "write -P 0x55 0 4k",
+        "-c",
+        &format!("write -s {} 512 512", s(&hdr)),
+        "-c",
+        "write -z 0 512",
+        s(&img),
+    ])
+    .ok();
+    let info = vmimg(["info", "--output=json", s(&img)]).ok();
+    assert!(
+        info.stdout.contains("\"format\": \"raw\""),
+        "{}",
+        info.stdout
+    );
+    // Named raw: the user's call.
+    vmimg([
+        "io",
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -s {} 0 512", s(&hdr)),
+        s(&img),
+    ])
+    .ok();
+    assert_eq!(std::fs::read(&img).unwrap()[..8], h[..8]);
+}
+
+/// The attack the protection stops: a client of an export whose format was probed writes a
+/// qcow2 header naming a host file into block 0; the next convert of the image would have
+/// copied that host file out.
+#[test]
+fn an_nbd_client_cannot_turn_a_probed_export_into_a_qcow2_naming_a_host_file() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+    let secret = dir.path().join("secret.raw");
+    std::fs::write(&secret, vec![0x5eu8; 1 << 20]).unwrap();
+    // A qcow2 header naming the secret as its backing file, made by qemu-img.
+    let evil = dir.path().join("evil.qcow2");
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&secret),
+        "-F",
+        "raw",
+        s(&evil),
+        "1M",
+    ])
+    .ok();
+    let header = dir.path().join("header.bin");
+    std::fs::write(&header, &std::fs::read(&evil).unwrap()[..512]).unwrap();
+    let socket = dir.path().join("s.sock");
+    let server = Holder::start(vmimg_bin(), &["serve", "-k", s(&socket), s(&img)], None);
+    let start = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", s(&socket));
+    let r = qemu_io([
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -s {} 0 512", s(&header)),
+        &uri,
+    ]);
+    assert!(r.stdout.contains("write failed"), "{r:?}");
+    drop(server);
+    let out = dir.path().join("out.raw");
+    vmimg(["convert", "-O", "raw", s(&img), s(&out)]).ok();
+    assert!(std::fs::read(&out).unwrap().iter().all(|&b| b == 0));
+}

@@ -237,13 +237,13 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        if self.message.is_empty() {
-            // The source's text is already our Display; report its own cause instead.
-            self.source.as_ref().and_then(|s| s.source())
+        let source = self.source.as_ref()?;
+        if self.message.is_empty() || self.message.contains(&source.to_string()) {
+            // The source's text is already part of our Display: report its own cause
+            // instead, so that a chain never says the same thing twice.
+            source.source()
         } else {
-            self.source
-                .as_ref()
-                .map(|s| s.as_ref() as &(dyn std::error::Error + 'static))
+            Some(source.as_ref() as &(dyn std::error::Error + 'static))
         }
     }
 }
@@ -286,6 +286,24 @@ mod tests {
             .with_operation("b");
         assert_eq!(e.offset(), Some(1));
         assert_eq!(e.operation(), Some("a"));
+    }
+
+    /// Regression: an error whose message quotes its cause printed that text twice (once
+    /// as the message, once as "caused by").
+    #[test]
+    fn a_cause_quoted_in_the_message_is_not_reported_again() {
+        let inner = Error::from_io(io::Error::from_raw_os_error(libc::EIO));
+        let outer =
+            Error::new(ErrorKind::Io, format!("reading the header: {inner}")).with_source(inner);
+        assert!(std::error::Error::source(&outer).is_none());
+        assert!(!format!("{outer:?}").contains("caused by"), "{outer:?}");
+        let quoted = Error::new(ErrorKind::InvalidFormat, "bad header");
+        let same = Error::new(ErrorKind::InvalidFormat, "bad header").with_source(quoted);
+        assert!(std::error::Error::source(&same).is_none());
+        // A cause that adds something is still reported.
+        let other = Error::new(ErrorKind::Io, "copy failed")
+            .with_source(io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(std::error::Error::source(&other).is_some());
     }
 
     #[test]

@@ -472,6 +472,7 @@ impl Image {
 
     async fn write_aligned(&self, offset: u64, mut bufs: Vec<&[u8]>) -> Result<()> {
         let top = self.top();
+        top.check_write(offset, &bufs)?;
         let end = offset + total(&bufs) as u64;
         let mut pos = offset;
         let mut ios = Vec::new();

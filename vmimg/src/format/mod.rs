@@ -14,11 +14,13 @@ mod access;
 mod blocking;
 pub(crate) mod open;
 mod policy;
+mod probe;
 
 pub use access::{BlockStatus, BlockStatusKind, Image};
 pub use blocking::BlockingImage;
 pub use open::{ImageOpen, OpenOptions, DEFAULT_MAX_CHAIN_DEPTH};
 pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, PolicyDecision};
+pub use probe::{probe_bytes, PROBE_BYTES};
 
 use crate::storage::{BoxFuture, Permissions, PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
@@ -43,11 +45,17 @@ impl Format {
         }
     }
 
-    /// Parses qemu-img's format names.
+    /// Parses qemu-img's format names. Formats QEMU knows that vmimg cannot open yet are
+    /// refused with [`ErrorKind::Unsupported`] ("format 'vmdk' is not supported"); names
+    /// nobody knows with QEMU's "Unknown driver" message.
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
+            other if probe::probed_names().any(|n| n == other) => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("format '{other}' is not supported"),
+            )),
             other => Err(Error::new(
                 ErrorKind::Unsupported,
                 format!("Unknown driver '{other}'"),
@@ -55,22 +63,25 @@ impl Format {
         }
     }
 
-    /// Guesses the format from the first bytes of `storage`.
+    /// Guesses the format from the first bytes of `storage` and its file name, as QEMU does
+    /// (see [`probe_bytes`]): every format QEMU recognises is recognised, and one vmimg
+    /// cannot open fails with [`ErrorKind::Unsupported`] instead of being read as raw. An
+    /// empty file is raw.
     ///
     /// **Not for untrusted images.** A guest that can write to a raw image can make its first
     /// sector look like a qcow2 header naming any backing file on the host; probing such an
     /// image would then read a file the user never named. Name the format explicitly for any
-    /// image you did not create yourself.
+    /// image you did not create yourself. (Writes that would change what a probed raw image
+    /// probes as are refused, as in QEMU, but images written elsewhere are not protected.)
     pub async fn probe(storage: &dyn Storage) -> Result<Self> {
-        let mut magic = [0u8; 4];
-        if storage.size()? >= 4 {
-            storage.read_at(0, &mut magic).await?;
+        let size = storage.size()?;
+        if size == 0 {
+            return Ok(Format::Raw);
         }
-        Ok(if magic == *b"QFI\xfb" {
-            Format::Qcow2
-        } else {
-            Format::Raw
-        })
+        let mut first = vec![0u8; size.min(probe::PROBE_BYTES as u64) as usize];
+        storage.read_at(0, &mut first).await?;
+        let name = storage.path().and_then(|p| p.to_str());
+        Format::from_name(probe_bytes(&first, name))
     }
 }
 
@@ -318,6 +329,14 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
     /// Guest request alignment this layer needs for writes (1: none).
     fn request_align(&self) -> usize {
         self.storage().request_align()
+    }
+
+    /// Refuses a write this layer must not take, before anything of it is written: called
+    /// with the data of every write (aligned to [`FormatDriver::request_align`]). The
+    /// default takes everything; a probed raw image refuses to change its probe.
+    fn check_write(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        let _ = (offset, bufs);
+        Ok(())
     }
 
     /// Describes the longest prefix of `[offset, offset + len)` that lives in one place.

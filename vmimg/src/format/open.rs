@@ -404,6 +404,7 @@ pub(crate) async fn open_chain(
             }
             seen.push(id);
         }
+        let probed = format.is_none();
         let format = match format {
             Some(f) => f,
             None if opts.untrusted => {
@@ -429,7 +430,9 @@ pub(crate) async fn open_chain(
                         "raw images cannot have a backing file or an external data file",
                     ));
                 }
-                let driver = RawDriver::new(Arc::clone(&storage), writable).map_err(layer_err)?;
+                let driver = RawDriver::new(Arc::clone(&storage), writable)
+                    .map_err(layer_err)?
+                    .probed(probed);
                 layers.push(Arc::new(driver));
             }
             Format::Qcow2 => {

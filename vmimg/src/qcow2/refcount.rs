@@ -260,7 +260,7 @@ impl Refcounts {
                 moved = Some(self.grow_reftable(file, index + 1, cluster + 1).await?);
             }
             if self.block_offset(index)?.is_none() {
-                self.create_block(index, cluster..cluster + 1);
+                self.create_block(file, index, cluster..cluster + 1).await?;
             }
         }
         self.set_existing(file, cluster, value).await?;
@@ -303,13 +303,25 @@ impl Refcounts {
 
     /// Creates the refcount block of table index `index` inside its own range (so it counts
     /// itself), on a cluster outside `avoid`. Every cluster of a range without a block has
-    /// refcount 0, so any of them is free.
-    fn create_block(&mut self, index: u64, avoid: std::ops::Range<u64>) {
+    /// refcount 0, so any of them is free. The block is written later (at a flush): its
+    /// space is taken on the medium first, so that a full disk fails this allocation rather
+    /// than that flush.
+    async fn create_block(
+        &mut self,
+        file: &dyn Storage,
+        index: u64,
+        avoid: std::ops::Range<u64>,
+    ) -> Result<()> {
         let epb = self.entries_per_block();
         let first = index * epb;
         let home = (first..first + epb)
             .find(|c| !avoid.contains(c))
             .expect("allocation runs never cover a whole refcount block range");
+        file.allocate(
+            home << self.geometry.cluster_bits(),
+            self.geometry.cluster_size(),
+        )
+        .await?;
         let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
         set_entry(&mut bytes, self.order, home - first, 1);
         let home_offset = home << self.geometry.cluster_bits();
@@ -318,6 +330,7 @@ impl Refcounts {
         self.reftable[index as usize] = home_offset;
         self.reftable_used = self.reftable_used.max(index as usize + 1);
         self.reftable_dirty = true;
+        Ok(())
     }
 
     /// Longest run the allocator hands out at once (half a refcount block's range, so a new
@@ -354,7 +367,7 @@ impl Refcounts {
         }
         for index in start / epb..=last {
             if self.block_offset(index)?.is_none() {
-                self.create_block(index, start..start + n);
+                self.create_block(file, index, start..start + n).await?;
             }
         }
         for c in start..start + n {

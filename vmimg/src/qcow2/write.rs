@@ -365,6 +365,19 @@ impl Qcow2Driver {
         Ok(first << self.geometry.cluster_bits())
     }
 
+    /// Allocates a cluster for metadata that is written later (at a flush or when the
+    /// cache evicts it) and takes its space on the medium now: a full disk then fails the
+    /// request that needed the cluster, instead of the flush that would publish every
+    /// write confirmed before it. (Space for data is taken by the data write itself.)
+    async fn alloc_metadata_cluster(&self, meta: &mut Meta) -> Result<u64> {
+        let offset = self.alloc_clusters(meta, 1).await?;
+        // On failure the cluster stays counted and unused: a leak, which check repairs.
+        self.file
+            .allocate(offset, self.geometry.cluster_size())
+            .await?;
+        Ok(offset)
+    }
+
     /// Drops one reference to a host cluster; `punch` releases the space of a freed cluster.
     async fn unref_cluster(&self, meta: &mut Meta, host: u64, punch: bool) -> Result<()> {
         let c = host >> self.geometry.cluster_bits();
@@ -445,7 +458,7 @@ impl Qcow2Driver {
         let new_table;
         let new_offset;
         if old == 0 {
-            new_offset = self.alloc_clusters(meta, 1).await?;
+            new_offset = self.alloc_metadata_cluster(meta).await?;
             new_table = Arc::new(L2Table::from_bytes(
                 &vec![0u8; cs as usize],
                 self.geometry.extended_l2(),
@@ -459,7 +472,7 @@ impl Qcow2Driver {
                 return self.l2_table(old).await;
             }
             let shared = self.l2_table(old).await?;
-            new_offset = self.alloc_clusters(meta, 1).await?;
+            new_offset = self.alloc_metadata_cluster(meta).await?;
             let mut bytes = Vec::with_capacity(cs as usize);
             for i in 0..shared.len() {
                 let mut e = shared.entry(i);

@@ -1,7 +1,8 @@
 //! The raw format: guest offset N is byte N of the storage.
 
 use crate::format::{
-    ChainView, DiscardMode, Format, FormatDriver, MapKind, MapQuery, Mapping, WriteTarget,
+    probe_bytes, ChainView, DiscardMode, Format, FormatDriver, MapKind, MapQuery, Mapping,
+    WriteTarget, PROBE_BYTES,
 };
 use crate::storage::{BoxFuture, FileStorageOpen, HostExtent, Permissions, PreallocMode, Storage};
 use crate::{Error, ErrorKind, Result};
@@ -23,6 +24,8 @@ pub struct RawDriver {
     storage: Arc<dyn Storage>,
     size: AtomicU64,
     writable: bool,
+    /// The format was guessed, not named: block 0 is protected (see [`RawDriver::probed`]).
+    probed: bool,
 }
 
 impl RawDriver {
@@ -49,7 +52,18 @@ impl RawDriver {
             writable: writable && storage.is_writable(),
             storage,
             size: AtomicU64::new(size),
+            probed: false,
         })
+    }
+
+    /// Marks the image as probed raw (its format was guessed, not named), as QEMU's raw
+    /// driver does: a write that would make block 0 probe as another format is refused
+    /// with [`ErrorKind::PermissionDenied`] (EPERM), so that a guest cannot turn its disk
+    /// into, say, a qcow2 image naming a host file as its backing file. Writes then go in
+    /// whole 512-byte sectors (read-modify-write), so the check sees the whole new sector.
+    pub fn probed(mut self, probed: bool) -> Self {
+        self.probed = probed;
+        self
     }
 }
 
@@ -68,6 +82,39 @@ impl FormatDriver for RawDriver {
 
     fn storage(&self) -> &dyn Storage {
         self.storage.as_ref()
+    }
+
+    fn request_align(&self) -> usize {
+        let align = self.storage.request_align();
+        if self.probed {
+            align.max(SECTOR as usize)
+        } else {
+            align
+        }
+    }
+
+    fn check_write(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        if !self.probed || offset >= PROBE_BYTES as u64 {
+            return Ok(());
+        }
+        // Writes come in whole sectors here (request_align), so the first one is the new
+        // block 0 whole.
+        let mut first = Vec::with_capacity(PROBE_BYTES);
+        for b in bufs {
+            let n = (PROBE_BYTES - first.len()).min(b.len());
+            first.extend_from_slice(&b[..n]);
+        }
+        match probe_bytes(&first, None) {
+            "raw" => Ok(()),
+            other => Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "Operation not permitted: the image's format was probed (raw), and this \
+                     write would make block 0 probe as {other}; name the format (-f raw) to \
+                     allow it"
+                ),
+            )),
+        }
     }
 
     fn map(&self, offset: u64, len: u64, query: MapQuery) -> BoxFuture<'_, Result<Mapping<'_>>> {
