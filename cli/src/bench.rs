@@ -111,6 +111,10 @@ pub async fn run(args: BenchArgs) -> CmdResult {
             image.flush().await?;
         }
         let drain = flush_now && !args.no_drain && !in_flight.is_empty();
+        if crate::signals::stop_requested() {
+            // Issue no more; the requests in flight finish, then the image is flushed.
+            issued = args.count;
+        }
         if issued < args.count && in_flight.len() < args.depth && !drain {
             let offset = next_offset();
             let mut buf = free_bufs
@@ -136,6 +140,7 @@ pub async fn run(args: BenchArgs) -> CmdResult {
     if args.write {
         image.flush().await?;
     }
+    crate::signals::check()?;
     let secs = t0.elapsed().as_secs_f64();
     if !args.quiet {
         println!("Run completed in {secs:.3} seconds.");

@@ -128,6 +128,7 @@ pub async fn commit(args: CommitArgs) -> CmdResult {
     let mut off = 0u64;
     let mut buf = vec![0u8; CHUNK as usize];
     while off < size {
+        crate::signals::check()?;
         let st = top.block_status(off, (size - off).min(CHUNK)).await?;
         let n = st.len;
         // Ranges answered above the base are what the commit moves down.
@@ -197,6 +198,7 @@ pub async fn rebase(args: RebaseArgs) -> CmdResult {
     let mut old = vec![0u8; CHUNK as usize];
     let mut new = vec![0u8; CHUNK as usize];
     while off < size {
+        crate::signals::check()?;
         let st = img.block_status(off, (size - off).min(CHUNK)).await?;
         let n = st.len as usize;
         if st.depth > 0 || !st.present() {

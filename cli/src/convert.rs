@@ -414,6 +414,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         .format(out_format)
         .open()
         .await?;
+    crate::signals::track(&dst);
     if dst.size() < total {
         return Err(usage_error(format!(
             "target '{dst_name}' is smaller ({}) than the source ({total})",
@@ -442,6 +443,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         .await?;
         // Like qemu-img convert: hand everything to the OS, without waiting for the disk.
         dst.flush().await?;
+        crate::signals::check()?;
         return Ok(0);
     }
     let fresh = !args.no_create;
@@ -465,10 +467,13 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     let buffers = Buffers::default();
     let mut queue = CopyQueue::new(jobs, !args.out_of_order);
     let mut base = 0u64;
-    for src in &sources {
+    'sources: for src in &sources {
         let size = src.size();
         let mut off = 0u64;
         while off < size {
+            if crate::signals::stop_requested() {
+                break 'sources;
+            }
             let st = src.block_status(off, (size - off).min(STATUS_SPAN)).await?;
             if st.zero() && !diff_only {
                 if !fresh {
@@ -498,9 +503,12 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         }
         base += size;
     }
+    // On a signal: the jobs in flight finish, and the target is flushed (it then passes
+    // check, with what was copied so far).
     progress(queue.finish().await?);
     // Like qemu-img convert: hand everything to the OS, without waiting for the disk.
     dst.flush().await?;
+    crate::signals::check()?;
     if let Some(b) = bar {
         b.finish();
     }
@@ -589,7 +597,7 @@ async fn compressed_copy(
     let bar = show_progress.then(|| ProgressBar::new(total));
     let mut set: JoinSet<Result<u64, Error>> = JoinSet::new();
     let mut off = 0u64;
-    while off < total {
+    while off < total && !crate::signals::stop_requested() {
         let len = chunk.min(total - off);
         if known_zero(&sources, off, len).await? {
             if let Some(b) = &bar {

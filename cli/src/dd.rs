@@ -85,10 +85,12 @@ pub async fn run(args: DdArgs) -> CmdResult {
     let (create, _, _) = raw_create_from_options(Some(len), &[])?;
     create.create(&ops.output).await?;
     let dst = RawOpen::path(&ops.output).writable(true).open().await?;
+    crate::signals::track(&dst);
     let chunk = ops.bs.max(1 << 20).min(len.max(1));
     let mut buf = vec![0u8; chunk as usize];
     let mut pos = 0u64;
     while pos < len {
+        crate::signals::check()?;
         let n = chunk.min(len - pos) as usize;
         let st = src.block_status(start + pos, n as u64).await?;
         let n = st.len as usize;

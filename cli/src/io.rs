@@ -405,24 +405,47 @@ pub async fn run(args: IoArgs) -> CmdResult {
         out: std::io::stdout(),
     };
     let mut failed = false;
-    if args.commands.is_empty() {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            let line = line.map_err(vmimg::Error::from)?;
-            if line.trim() == "quit" || line.trim() == "q" {
-                break;
-            }
-            failed |= !session.run_line(&line).await;
+    let mut lines = command_lines(args.commands);
+    loop {
+        // A signal stops the session between commands; what was done is flushed.
+        let line = tokio::select! {
+            line = lines.recv() => line,
+            _ = crate::signals::stopped() => None,
+        };
+        let Some(line) = line else { break };
+        let line = line.map_err(vmimg::Error::from)?;
+        if line.trim() == "quit" || line.trim() == "q" {
+            break;
         }
-    } else {
-        for c in &args.commands {
-            failed |= !session.run_line(c).await;
-        }
+        failed |= !session.run_line(&line).await;
     }
     if session.image.is_writable() {
         session.image.flush().await?;
     }
+    crate::signals::check()?;
     Ok(u8::from(failed))
+}
+
+/// The commands to run: those given with `-c`, or else the lines of standard input, read
+/// on a thread of their own (a blocked read must not hold up a signal's flush) and at most
+/// a few lines ahead of the commands run.
+fn command_lines(commands: Vec<String>) -> tokio::sync::mpsc::Receiver<std::io::Result<String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(commands.len().max(16));
+    if commands.is_empty() {
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    } else {
+        for c in commands {
+            tx.try_send(Ok(c))
+                .expect("the channel holds every -c command");
+        }
+    }
+    rx
 }
 
 #[cfg(test)]

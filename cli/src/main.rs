@@ -14,6 +14,7 @@ mod map;
 mod measure;
 mod resize;
 mod serve;
+mod signals;
 mod size;
 mod snapshot;
 
@@ -122,6 +123,7 @@ pub async fn open_image_with(
     if format.is_none() && image.format() == Format::Raw && image.is_writable() {
         warn_probed_raw(path);
     }
+    signals::track(&image);
     Ok(image)
 }
 
@@ -182,24 +184,11 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        match cli.cmd {
-            Cmd::Info(a) => info::run(a).await,
-            Cmd::Create(a) => create::run(a).await,
-            Cmd::Convert(a) => convert::run(a).await,
-            Cmd::Compare(a) => compare::run(a).await,
-            Cmd::Io(a) => io::run(a).await,
-            Cmd::Map(a) => map::run(a).await,
-            Cmd::Dd(a) => dd::run(a).await,
-            Cmd::Resize(a) => resize::run(a).await,
-            Cmd::Measure(a) => measure::run(a).await,
-            Cmd::Amend(a) => amend::run(a).await,
-            Cmd::Bench(a) => bench::run(a).await,
-            Cmd::Commit(a) => chain::commit(a).await,
-            Cmd::Rebase(a) => chain::rebase(a).await,
-            Cmd::Snapshot(a) => snapshot::run(a).await,
-            Cmd::Check(a) => check::run(a).await,
-            Cmd::Serve(a) => serve::run(a).await,
+        if let Cmd::Serve(a) = cli.cmd {
+            // The server drains its clients and flushes on signals itself.
+            return serve::run(a).await;
         }
+        signals::run_guarded(run_command(cli.cmd)).await
     });
     match result {
         Ok(status) => ExitCode::from(status),
@@ -212,5 +201,26 @@ fn main() -> ExitCode {
             }
             ExitCode::from(error_status)
         }
+    }
+}
+
+async fn run_command(cmd: Cmd) -> CmdResult {
+    match cmd {
+        Cmd::Info(a) => info::run(a).await,
+        Cmd::Create(a) => create::run(a).await,
+        Cmd::Convert(a) => convert::run(a).await,
+        Cmd::Compare(a) => compare::run(a).await,
+        Cmd::Io(a) => io::run(a).await,
+        Cmd::Map(a) => map::run(a).await,
+        Cmd::Dd(a) => dd::run(a).await,
+        Cmd::Resize(a) => resize::run(a).await,
+        Cmd::Measure(a) => measure::run(a).await,
+        Cmd::Amend(a) => amend::run(a).await,
+        Cmd::Bench(a) => bench::run(a).await,
+        Cmd::Commit(a) => chain::commit(a).await,
+        Cmd::Rebase(a) => chain::rebase(a).await,
+        Cmd::Snapshot(a) => snapshot::run(a).await,
+        Cmd::Check(a) => check::run(a).await,
+        Cmd::Serve(a) => serve::run(a).await,
     }
 }

@@ -137,6 +137,7 @@ async fn accept_loop(
     use tokio::signal::unix::{signal, SignalKind};
     let sig = |kind| signal(kind).map_err(|e| Error::from(e).with_operation("signal"));
     let (mut term, mut int) = (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?);
+    let mut hup = sig(SignalKind::hangup())?;
     let limit = if args.shared == 0 {
         usize::MAX
     } else {
@@ -158,6 +159,7 @@ async fn accept_loop(
                 }
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
+                _ = hup.recv() => return Ok(()),
             }
             continue;
         }
@@ -171,6 +173,7 @@ async fn accept_loop(
             }
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            _ = hup.recv() => return Ok(()),
         };
         let conn = match conn {
             Ok(conn) => conn,
