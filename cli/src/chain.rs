@@ -3,9 +3,8 @@
 use crate::{open_image, open_image_with, usage_error, CmdResult};
 use clap::Args;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use vmimg::io_buf::is_zero;
-use vmimg::{DiscardMode, ErrorKind, Image, MemoryStorage, OpenOptions, PreallocMode, RawOpen};
+use vmimg::{DiscardMode, ErrorKind, Image, OpenOptions, PreallocMode};
 
 /// Bytes copied per step.
 const CHUNK: u64 = 1 << 20;
@@ -159,16 +158,18 @@ pub async fn commit(args: CommitArgs) -> CmdResult {
 
 pub async fn rebase(args: RebaseArgs) -> CmdResult {
     let new_name = (!args.backing.is_empty()).then_some(args.backing.as_str());
+    if new_name.is_some() && args.backing_format.is_none() {
+        return Err(usage_error(format!(
+            "Could not change the backing file to '{}': backing format must be specified",
+            args.backing
+        )));
+    }
     if args.unsafe_mode {
-        // The old backing file may be gone: stand in an empty image for it, so that nothing
-        // the image names is opened; only the header changes.
-        let stand_in = RawOpen::storage(Arc::new(MemoryStorage::new()))
-            .open()
-            .await?;
+        // The old backing file may be gone: it is not opened; only the header changes.
         let img = open_image_with(
             &args.filename,
             args.format.as_deref(),
-            OpenOptions::new().writable(true).backing(stand_in),
+            OpenOptions::new().writable(true).no_backing(true),
         )
         .await?;
         img.set_backing(new_name, args.backing_format.as_deref())

@@ -1,10 +1,10 @@
 //! `vmimg convert`: mapping-driven, parallel copy that keeps holes.
 
 use crate::create::{parse_options, qcow2_plan, raw_create_from_options};
+use crate::progress::{self, Progress};
 use crate::size::parse_size;
 use crate::{cache_mode, open_image_with, usage_error, CmdResult};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -30,7 +30,7 @@ pub struct ConvertArgs {
     /// Output format options (`preallocation=...`).
     #[arg(short = 'o')]
     options: Vec<String>,
-    /// Show a progress bar.
+    /// Show progress (qemu-img's `    (12.34/100%)` lines).
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -45,7 +45,8 @@ pub struct ConvertArgs {
     /// Format of the `-B` backing file.
     #[arg(short = 'F')]
     backing_format: Option<String>,
-    /// Consecutive zero bytes that are skipped (left as holes); 0 writes every byte.
+    /// Consecutive zero bytes that are skipped (left as holes); 0 writes every byte, so
+    /// the target is fully allocated.
     #[arg(short = 'S', default_value = "4k")]
     sparse_size: String,
     /// Parallel copy jobs.
@@ -170,25 +171,51 @@ impl Job {
         }
     }
 
+    /// Writes a run of `buf` (`start..end`, zeros or data) that differs from the target.
+    async fn write_diff_run(
+        &self,
+        buf: &[u8],
+        (start, end, zero): (usize, usize, bool),
+    ) -> Result<(), Error> {
+        let at = self.dst_off + start as u64;
+        if zero {
+            self.dst.write_zeroes(at, (end - start) as u64, false).await
+        } else {
+            self.dst.write(at, &buf[start..end]).await
+        }
+    }
+
     /// Writes what was read (`buf`) to the target, keeping holes.
     async fn write(&self, buf: &[u8]) -> Result<u64, Error> {
         if self.diff_only {
             let mut old = vec![0u8; self.len as usize];
             self.dst.read(self.dst_off, &mut old).await?;
             let block = if self.sparse == 0 { 4096 } else { self.sparse };
-            for (i, (new, cur)) in buf.chunks(block).zip(old.chunks(block)).enumerate() {
-                if new != cur {
-                    let at = self.dst_off + (i * block) as u64;
-                    if is_zero(new) {
-                        self.dst.write_zeroes(at, new.len() as u64, false).await?;
-                    } else {
-                        self.dst.write(at, new).await?;
+            // Runs of blocks that differ from the target's backing, each all zeros or all
+            // data: a zero run is one zeroing request (whole clusters become zero clusters).
+            let mut run: Option<(usize, usize, bool)> = None;
+            let blocks = buf.chunks(block).zip(old.chunks(block));
+            for (i, (new, cur)) in blocks.enumerate() {
+                let start = i * block;
+                let kind = (new != cur).then(|| is_zero(new));
+                match (&mut run, kind) {
+                    (Some((_, end, zero)), Some(z)) if *zero == z && *end == start => {
+                        *end = start + new.len();
+                        continue;
                     }
+                    _ => {}
                 }
+                if let Some(r) = run.take() {
+                    self.write_diff_run(buf, r).await?;
+                }
+                run = kind.map(|z| (start, start + new.len(), z));
+            }
+            if let Some(r) = run {
+                self.write_diff_run(buf, r).await?;
             }
             return Ok(self.len);
         }
-        if self.sparse == 0 && !self.fresh {
+        if self.sparse == 0 {
             self.dst.write(self.dst_off, buf).await?;
             return Ok(self.len);
         }
@@ -355,7 +382,12 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         ));
     }
     let sparse = parse_size(&args.sparse_size).map_err(usage_error)? as usize;
-    let jobs = args.jobs.clamp(1, 64);
+    if !(1..=16).contains(&args.jobs) {
+        return Err(usage_error(
+            "Invalid number of coroutines specified. Must be between 1 and 16.",
+        ));
+    }
+    let jobs = args.jobs;
 
     // As qemu-img: nobody may write or resize a source while it is copied.
     let src_opts = OpenOptions::new()
@@ -384,18 +416,48 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
 
     refuse_aliased_target(dst_name, src_names, &sources)?;
     let mut opts = parse_options(&args.options)?;
-    if let Some(b) = &args.backing {
+    // `-o backing_file=..,backing_fmt=..` is `-B`/`-F` (the output holds only what differs
+    // from its backing file), as in qemu-img.
+    let mut backing = args.backing.clone();
+    let mut backing_format = args.backing_format.clone();
+    for (k, v) in std::mem::take(&mut opts) {
+        let slot = match k.as_str() {
+            "backing_file" => &mut backing,
+            "backing_fmt" => &mut backing_format,
+            _ => {
+                opts.push((k, v));
+                continue;
+            }
+        };
+        if slot.as_ref().is_some_and(|old| *old != v) {
+            return Err(usage_error(format!(
+                "-o {k}={v} contradicts the backing file given with -B/-F"
+            )));
+        }
+        *slot = Some(v);
+    }
+    if args.compress && opts.iter().any(|(k, v)| k == "preallocation" && v != "off") {
+        return Err(usage_error(
+            "Compression and preallocation not supported at the same time",
+        ));
+    }
+    if backing.is_some() && backing_format.is_none() {
+        return Err(usage_error(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
+    if let Some(b) = &backing {
         if out_format != Format::Qcow2 {
             return Err(usage_error(
                 "-B needs an output format with backing files (qcow2)",
             ));
         }
         opts.push(("backing_file".into(), b.clone()));
-        if let Some(f) = &args.backing_format {
+        if let Some(f) = &backing_format {
             opts.push(("backing_fmt".into(), f.clone()));
         }
     }
-    let diff_only = args.backing.is_some();
+    let diff_only = backing.is_some();
     if !args.no_create {
         match out_format {
             Format::Qcow2 => {
@@ -438,6 +500,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
             &dst,
             total,
             jobs,
+            diff_only,
             args.progress && !args.quiet,
         )
         .await?;
@@ -448,21 +511,8 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     }
     let fresh = !args.no_create;
 
-    let bar = (args.progress && !args.quiet).then(|| {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:40} {percent:>3}% {bytes}/{total_bytes} ({eta})")
-                .expect("static progress template"),
-        );
-        bar
-    });
-    let done = Arc::new(AtomicU64::new(0));
-    let progress = |n: u64| {
-        let d = done.fetch_add(n, Ordering::Relaxed) + n;
-        if let Some(b) = &bar {
-            b.set_position(d);
-        }
-    };
+    let bar = Progress::start(args.progress && !args.quiet, total);
+    let progress = |n: u64| progress::add(&bar, n);
 
     let buffers = Buffers::default();
     let mut queue = CopyQueue::new(jobs, !args.out_of_order);
@@ -475,7 +525,8 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
                 break 'sources;
             }
             let st = src.block_status(off, (size - off).min(STATUS_SPAN)).await?;
-            if st.zero() && !diff_only {
+            // -S 0: nothing is skipped, every byte of the target is written (allocated).
+            if st.zero() && !diff_only && sparse != 0 {
                 if !fresh {
                     dst.write_zeroes(base + off, st.len, true).await?;
                 }
@@ -583,42 +634,55 @@ async fn known_zero(sources: &[(Image, u64)], offset: u64, len: u64) -> Result<b
 }
 
 /// `convert -c`: every non-zero cluster stored compressed, jobs compressing in parallel.
+/// With `diff_only` (a target with a backing file, `-B`) only clusters that differ from
+/// what the target reads already are written, and zeros over backing data are written as
+/// zero clusters (leaving them out would expose the backing file's data).
 async fn compressed_copy(
     sources: Arc<Vec<(Image, u64)>>,
     dst: &Image,
     total: u64,
     jobs: usize,
+    diff_only: bool,
     show_progress: bool,
 ) -> Result<(), Error> {
     let cs = dst.cluster_size().unwrap_or(65536);
     // Smaller pieces than a plain copy's: compression, not I/O, sets the pace, and the
     // jobs' buffers are most of the memory used.
     let chunk = COMPRESS_CHUNK.max(cs) / cs * cs;
-    let bar = show_progress.then(|| ProgressBar::new(total));
+    let bar = Progress::start(show_progress, total);
     let mut set: JoinSet<Result<u64, Error>> = JoinSet::new();
     let mut off = 0u64;
     while off < total && !crate::signals::stop_requested() {
         let len = chunk.min(total - off);
-        if known_zero(&sources, off, len).await? {
-            if let Some(b) = &bar {
-                b.inc(len);
-            }
+        if !diff_only && known_zero(&sources, off, len).await? {
+            progress::add(&bar, len);
             off += len;
             continue;
         }
         while set.len() >= jobs {
             let n = join_one(&mut set).await?;
-            if let Some(b) = &bar {
-                b.inc(n);
-            }
+            progress::add(&bar, n);
         }
         let (sources, dst) = (Arc::clone(&sources), dst.clone());
         set.spawn(async move {
             let mut buf = vec![0u8; len as usize];
             read_concat(&sources, off, &mut buf).await?;
-            for (i, cluster) in buf.chunks(cs as usize).enumerate() {
+            let mut old = Vec::new();
+            if diff_only {
+                old.resize(len as usize, 0);
+                dst.read(off, &mut old).await?;
+            }
+            let css = cs as usize;
+            for (i, cluster) in buf.chunks(css).enumerate() {
+                let at = off + i as u64 * cs;
+                let below = old.get(i * css..i * css + cluster.len());
+                if below.is_some_and(|b| b == cluster) {
+                    continue;
+                }
                 if !is_zero(cluster) {
-                    dst.write_compressed(off + i as u64 * cs, cluster).await?;
+                    dst.write_compressed(at, cluster).await?;
+                } else if below.is_some() {
+                    dst.write_zeroes(at, cluster.len() as u64, false).await?;
                 }
             }
             Ok(len)
@@ -627,9 +691,7 @@ async fn compressed_copy(
     }
     while !set.is_empty() {
         let n = join_one(&mut set).await?;
-        if let Some(b) = &bar {
-            b.inc(n);
-        }
+        progress::add(&bar, n);
     }
     if let Some(b) = bar {
         b.finish();

@@ -32,6 +32,19 @@ pub struct CreateArgs {
     size: Option<String>,
 }
 
+/// The image size, refused (before anything is created or printed) when missing or larger
+/// than any file can be, with qemu-img's messages.
+fn checked_size(size: Option<u64>) -> Result<u64, Error> {
+    let size = size.ok_or_else(|| usage_error("Image creation needs a size parameter"))?;
+    if size > i64::MAX as u64 {
+        return Err(usage_error(format!(
+            "Invalid image size specified. Must be between 0 and {}.",
+            i64::MAX
+        )));
+    }
+    Ok(size)
+}
+
 /// Parses a `preallocation=` value.
 pub fn parse_prealloc(v: &str) -> Result<PreallocMode, Error> {
     PreallocMode::parse(v).ok_or_else(|| usage_error(format!("Invalid preallocation mode: '{v}'")))
@@ -71,7 +84,7 @@ pub fn raw_create_from_options(
             }
         }
     }
-    let size = size.ok_or_else(|| usage_error("Image creation needs a size parameter"))?;
+    let size = checked_size(size)?;
     let create = RawCreate::new(size).preallocation(prealloc.unwrap_or_default());
     Ok((create, size, prealloc))
 }
@@ -118,6 +131,18 @@ pub async fn run(args: CreateArgs) -> CmdResult {
             format!("creating {other} images is not supported yet"),
         )),
     }
+}
+
+/// The format QEMU's probe sees in the file at `path`, for hints in messages.
+fn detect_format(path: &std::path::Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut first = Vec::with_capacity(vmimg::format::PROBE_BYTES);
+    std::fs::File::open(path)
+        .ok()?
+        .take(vmimg::format::PROBE_BYTES as u64)
+        .read_to_end(&mut first)
+        .ok()?;
+    Some(vmimg::format::probe_bytes(&first, path.to_str()))
 }
 
 /// A qcow2 creation resolved from `-o` options.
@@ -189,6 +214,19 @@ pub async fn qcow2_plan(
             }
         }
     }
+    if let (Some(b), None) = (&backing, &backing_fmt) {
+        // As qemu-img 10: the backing format must be named, not probed later.
+        let mut msg = format!("{filename}: Backing file specified without backing format");
+        if !unsafe_backing {
+            let dir = std::path::Path::new(filename)
+                .parent()
+                .unwrap_or(std::path::Path::new(""));
+            if let Some(found) = detect_format(&dir.join(b)) {
+                msg += &format!("\nDetected format of {found}.");
+            }
+        }
+        return Err(usage_error(msg));
+    }
     if let (None, Some(b)) = (size, &backing) {
         if unsafe_backing {
             return Err(usage_error("Image creation needs a size parameter"));
@@ -207,7 +245,7 @@ pub async fn qcow2_plan(
         .map_err(|e| e.with_operation("open backing file"))?;
         size = Some(img.size());
     }
-    let size = size.ok_or_else(|| usage_error("Image creation needs a size parameter"))?;
+    let size = checked_size(size)?;
     let mut create = Qcow2Create::new(size)
         .cluster_size(cluster_size)
         .refcount_bits(refcount_bits)

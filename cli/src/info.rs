@@ -96,6 +96,15 @@ fn snapshot_json(s: &SnapshotInfo) -> Value {
     Value::Object(m)
 }
 
+/// QEMU's protocol driver name for the image's medium.
+fn protocol(storage: &dyn vmimg::Storage) -> &'static str {
+    if storage.is_block_device() {
+        "host_device"
+    } else {
+        "file"
+    }
+}
+
 /// The JSON object qemu-img prints for one image.
 pub fn info_json(image: &Image, filename: &str) -> Value {
     let desc = image.describe();
@@ -112,7 +121,7 @@ pub fn info_json(image: &Image, filename: &str) -> Value {
                 "children": [],
                 "virtual-size": file_len,
                 "filename": filename,
-                "format": "file",
+                "format": protocol(storage),
                 "actual-size": actual,
                 "format-specific": {"type": "file", "data": {}},
                 "dirty-flag": false
@@ -280,14 +289,19 @@ pub fn info_human(image: &Image, filename: &str) -> String {
         s += &qcow2_human(q);
     }
     s += &format!(
-        "Child node '/file':\n    filename: {filename}\n    protocol type: file\n    file length: {} ({file_len} bytes)\n    disk size: {disk}",
+        "Child node '/file':\n    filename: {filename}\n    protocol type: {}\n    file length: {} ({file_len} bytes)\n    disk size: {disk}",
+        protocol(storage),
         human_size(file_len)
     );
     s
 }
 
 pub async fn run(args: InfoArgs) -> CmdResult {
-    let opts = OpenOptions::new().force_share(args.force_share);
+    // As qemu-img: the backing file is only opened for --backing-chain, so that the
+    // info of an overlay whose backing file is missing still shows.
+    let opts = OpenOptions::new()
+        .force_share(args.force_share)
+        .no_backing(!args.backing_chain);
     let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let mut chain = vec![(image.clone(), args.filename.clone())];
     if args.backing_chain {

@@ -154,6 +154,9 @@ fn dump(buf: &[u8], offset: u64) -> String {
     out
 }
 
+/// The longest request qemu-io takes (QEMU's `BDRV_REQUEST_MAX_BYTES`).
+const MAX_REQUEST: u64 = 2_147_483_136;
+
 struct Session {
     image: Image,
     out: std::io::Stdout,
@@ -217,6 +220,23 @@ impl Session {
     }
 
     /// Offset and lengths (one for read/write, several for readv/writev).
+    /// qemu-io's request limit: requests above it are refused before any buffer is
+    /// allocated (`suffix` is " without -n" where `-n` would lift it).
+    fn limit(p: &Parsed<'_>, lens: &[u64], vectored: bool, suffix: &str) -> Result<(), String> {
+        let total = lens.iter().fold(0u64, |a, &b| a.saturating_add(b));
+        if total <= MAX_REQUEST {
+            return Ok(());
+        }
+        Err(if vectored {
+            format!("The total number of bytes exceed the maximum size {MAX_REQUEST}")
+        } else {
+            format!(
+                "length cannot exceed {MAX_REQUEST}{suffix}, given {}",
+                p.args[1]
+            )
+        })
+    }
+
     fn off_lens(p: &Parsed<'_>, vectored: bool, usage: &str) -> Result<(u64, Vec<u64>), String> {
         let ok_count = if vectored {
             p.args.len() >= 2
@@ -243,6 +263,7 @@ impl Session {
         let p = parse_words(words, "P", "abCqvp")?;
         let pattern = p.value('P').map(parse_pattern).transpose()?;
         let (off, lens) = Self::off_lens(&p, vectored, usage)?;
+        Self::limit(&p, &lens, vectored, "")?;
         let total: u64 = lens.iter().sum();
         let mut buf =
             vec![0u8; usize::try_from(total).map_err(|_| "read failed: too large".to_string())?];
@@ -285,6 +306,10 @@ impl Session {
             return Err("-P and -s cannot be specified at the same time".into());
         }
         let (off, lens) = Self::off_lens(&p, vectored, usage)?;
+        // Zeroing allocates no buffer: with -n it may be as long as the image.
+        if !(p.has('z') && p.has('n')) {
+            Self::limit(&p, &lens, vectored, " without -n")?;
+        }
         let total: u64 = lens.iter().sum();
         if p.has('u') && !p.has('z') {
             return Err("-u requires -z to be specified".into());
@@ -328,6 +353,7 @@ impl Session {
             false,
             "discard [-Cq] off len -- discards a number of bytes at a specified offset",
         )?;
+        Self::limit(&p, &lens, false, "")?;
         let start = Instant::now();
         self.image
             .discard(off, lens[0], DiscardMode::ReadsAnything)

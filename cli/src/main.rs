@@ -12,6 +12,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod progress;
 mod resize;
 mod serve;
 mod signals;

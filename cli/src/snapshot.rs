@@ -44,6 +44,9 @@ pub async fn run(args: SnapshotArgs) -> CmdResult {
     let opts = OpenOptions::new().force_share(args.force_share);
     let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let snapshots = image.describe().snapshots;
-    print!("Snapshot list:\n{}", snapshot_table(&snapshots));
+    // As qemu-img: nothing at all for an image without snapshots.
+    if !snapshots.is_empty() {
+        print!("Snapshot list:\n{}", snapshot_table(&snapshots));
+    }
     Ok(0)
 }

@@ -67,13 +67,37 @@ fn untrusted_mode_never_opens_files_an_image_names() {
         ],
     )
     .ok();
-    let r = vmimg_in(d, ["info", "--untrusted", "-f", "qcow2", "top.qcow2"]);
-    assert_eq!(r.status, 1);
-    assert!(
-        r.stderr.contains("not opening backing file"),
-        "{}",
-        r.stderr
-    );
+    for args in [
+        &[
+            "info",
+            "--untrusted",
+            "--backing-chain",
+            "-f",
+            "qcow2",
+            "top.qcow2",
+        ][..],
+        &[
+            "--untrusted",
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            "top.qcow2",
+            "o.raw",
+        ],
+    ] {
+        let r = vmimg_in(d, args);
+        assert_eq!(r.status, 1, "{args:?}");
+        assert!(
+            r.stderr.contains("not opening backing file"),
+            "{}",
+            r.stderr
+        );
+    }
+    // Plain info opens no backing file at all (as qemu-img): it only names it.
+    let r = vmimg_in(d, ["info", "--untrusted", "-f", "qcow2", "top.qcow2"]).ok();
+    assert!(r.stdout.contains("backing file: base.raw"), "{}", r.stdout);
 
     // And the format must be named: probing is unsafe.
     let r = vmimg_in(d, ["--untrusted", "info", "base.raw"]);

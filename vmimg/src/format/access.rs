@@ -656,7 +656,10 @@ impl Image {
             .map_err(|e| self.ctx(e, "resize", new_size))
     }
 
-    /// Drops cached metadata of every layer, so the next access re-reads it.
+    /// Re-reads the metadata of every layer that another process may have changed (qcow2:
+    /// header, L1 and L2 tables, size, snapshots, bitmaps; a writable layer flushes its own
+    /// changes first). The chain itself is kept: a backing file renamed meanwhile shows in
+    /// [`Image::describe`], and is read after reopening the image.
     pub async fn invalidate_cache(&self) -> Result<()> {
         for layer in &self.inner.layers {
             layer.invalidate_cache().await?;

@@ -443,8 +443,8 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
     /// [`FormatDriver::flush`], then makes everything durable.
     fn sync(&self) -> BoxFuture<'_, Result<()>>;
 
-    /// Drops cached metadata so the next access re-reads it (another process changed the
-    /// image).
+    /// Re-reads what another process may have changed in this layer (its metadata, its
+    /// size), dropping cached copies; a writable layer flushes its own changes first.
     fn invalidate_cache(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
     }

@@ -59,6 +59,7 @@ pub struct OpenOptions {
     pub(crate) inline_io: bool,
     pub(crate) policy: ImplicitOpenPolicy,
     pub(crate) backing: Option<Image>,
+    pub(crate) no_backing: bool,
     pub(crate) data_file: Option<Arc<dyn Storage>>,
     pub(crate) l2_cache_bytes: u64,
     pub(crate) snapshot: Option<String>,
@@ -78,6 +79,7 @@ impl Default for OpenOptions {
             inline_io: false,
             policy: ImplicitOpenPolicy::default(),
             backing: None,
+            no_backing: false,
             data_file: None,
             l2_cache_bytes: qcow2::DEFAULT_L2_CACHE_BYTES,
             snapshot: None,
@@ -187,6 +189,16 @@ impl OpenOptions {
     /// The policy for files named inside the image (backing file, data file).
     pub fn policy(mut self, policy: ImplicitOpenPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Do not open the backing file the image names (QEMU's `BDRV_O_NO_BACKING`, which
+    /// `qemu-img info` uses): the image opens even when its backing file is missing, its
+    /// description still names it, and ranges it does not allocate read as zeros. Writes
+    /// that copy on write would copy those zeros too: open writable this way only to change
+    /// the header (as `rebase -u` does).
+    pub fn no_backing(mut self, no_backing: bool) -> Self {
+        self.no_backing = no_backing;
         self
     }
 
@@ -496,6 +508,9 @@ pub(crate) async fn open_chain(
                     // An explicit backing image replaces whatever the image names.
                     let driver = layers.pop().expect("the top layer was just pushed");
                     return Ok(Image::from_driver(driver, Some(b.clone())));
+                }
+                if top && opts.no_backing {
+                    break;
                 }
                 if let Some(name) = &header.backing_file {
                     let resolved = storage.resolve_name(name).map_err(layer_err)?;

@@ -29,17 +29,14 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 impl Qcow2Driver {
-    /// Applies `a` to the image (opened writable).
+    /// Applies `a` to the image (opened writable). Every option is checked against the
+    /// image and the others before anything changes: an amend that is refused leaves the
+    /// image as it was.
     pub async fn amend(&self, a: &Qcow2Amend, below: ChainView<'_>) -> Result<()> {
         if !self.writable {
             return Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only"));
         }
-        let target_version = match a.compat.as_deref() {
-            None => None,
-            Some("0.10") => Some(2),
-            Some("1.1") | Some("v3") => Some(3),
-            Some(other) => return Err(invalid(format!("Invalid compatibility level: '{other}'"))),
-        };
+        let target_version = self.validate_amend(a).await?;
         if let Some(size) = a.size {
             if size != self.size.load(std::sync::atomic::Ordering::Acquire) {
                 self.resize_impl(size, PreallocMode::Off, below).await?;
@@ -57,27 +54,10 @@ impl Qcow2Driver {
             .await?;
         }
         if let Some(bits) = a.refcount_bits {
-            if !bits.is_power_of_two() || bits > 64 {
-                return Err(invalid(
-                    "Refcount width must be a power of two and may not exceed 64 bits",
-                ));
-            }
-            let order = bits.trailing_zeros();
-            let v3 = self.meta.lock().await.header.version >= 3;
-            if bits != 16 && (!v3 || target_version == Some(2)) {
-                return Err(invalid(
-                    "Different refcount widths than 16 bits require compatibility level 1.1 or above",
-                ));
-            }
-            self.change_refcount_order(order).await?;
+            self.change_refcount_order(bits.trailing_zeros()).await?;
         }
         if let Some(lazy) = a.lazy_refcounts {
             self.edit_header(|h| {
-                if lazy && (h.version < 3 || target_version == Some(2)) {
-                    return Err(invalid(
-                        "Lazy refcounts only supported with compatibility level 1.1 and above",
-                    ));
-                }
                 if lazy {
                     h.compatible_features |= compat::LAZY_REFCOUNTS;
                 } else {
@@ -89,14 +69,6 @@ impl Qcow2Driver {
         }
         if let Some(raw) = a.data_file_raw {
             self.edit_header(|h| {
-                if h.incompatible_features & incompat::DATA_FILE == 0 {
-                    return Err(invalid("data-file-raw can only be set with a data file"));
-                }
-                if raw && h.backing_file.is_some() {
-                    return Err(invalid(
-                        "data-file-raw cannot be set on images with a backing file",
-                    ));
-                }
                 if raw {
                     h.autoclear_features |= autoclear::DATA_FILE_RAW;
                 } else {
@@ -114,6 +86,69 @@ impl Qcow2Driver {
         self.amended
             .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Checks every option of `a` against the image and against each other, changing
+    /// nothing; returns the qcow2 version asked for, if any.
+    async fn validate_amend(&self, a: &Qcow2Amend) -> Result<Option<u32>> {
+        let target_version = match a.compat.as_deref() {
+            None => None,
+            Some("0.10") => Some(2),
+            Some("1.1") | Some("v3") => Some(3),
+            Some(other) => return Err(invalid(format!("Invalid compatibility level: '{other}'"))),
+        };
+        let meta = self.meta.lock().await;
+        let h = &meta.header;
+        let version = target_version.unwrap_or(h.version);
+        let order = match a.refcount_bits {
+            Some(bits) if !bits.is_power_of_two() || bits > 64 => {
+                return Err(invalid(
+                    "Refcount width must be a power of two and may not exceed 64 bits",
+                ))
+            }
+            Some(bits) => bits.trailing_zeros(),
+            None => h.refcount_order,
+        };
+        if order != 4 && version < 3 {
+            return Err(invalid(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above \
+                 (use compat=1.1 or greater)",
+            ));
+        }
+        if a.lazy_refcounts == Some(true) && version < 3 {
+            return Err(invalid(
+                "Lazy refcounts only supported with compatibility level 1.1 and above",
+            ));
+        }
+        if let Some(raw) = a.data_file_raw {
+            if h.incompatible_features & incompat::DATA_FILE == 0 {
+                return Err(invalid("data-file-raw can only be set with a data file"));
+            }
+            if raw && h.backing_file.is_some() {
+                return Err(invalid(
+                    "data-file-raw cannot be set on images with a backing file",
+                ));
+            }
+        }
+        if version == 2 && h.version >= 3 {
+            let refuse = |why: &str| Err(invalid(format!("Cannot downgrade an image with {why}")));
+            if h.incompatible_features & incompat::EXTL2 != 0 {
+                return refuse("extended L2 entries");
+            }
+            if h.incompatible_features & incompat::DATA_FILE != 0 {
+                return refuse("an external data file");
+            }
+            if h.compression_type != CompressionType::Deflate {
+                return refuse("zstd compression");
+            }
+            if h.bitmaps.is_some() {
+                return refuse("bitmaps");
+            }
+            if h.nb_snapshots > 0 {
+                return refuse("internal snapshots (not supported yet)");
+            }
+        }
+        Ok(target_version)
     }
 
     /// Rewrites the header after `edit` (metadata flushed first).
@@ -151,35 +186,12 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// compat=0.10: refuses features version 2 cannot express, turns zero clusters into
-    /// what v2 can say (unallocated, or written zeros over a backing file), writes a v2
-    /// header.
+    /// compat=0.10 (what version 2 cannot express was refused by `validate_amend`): turns
+    /// zero clusters into what v2 can say (unallocated, or written zeros over a backing
+    /// file), writes a v2 header.
     async fn downgrade(&self, below: ChainView<'_>) -> Result<()> {
-        {
-            let meta = self.meta.lock().await;
-            let h = &meta.header;
-            if h.version == 2 {
-                return Ok(());
-            }
-            let refuse = |why: &str| Err(invalid(format!("Cannot downgrade an image with {why}")));
-            if h.incompatible_features & incompat::EXTL2 != 0 {
-                return refuse("extended L2 entries");
-            }
-            if h.incompatible_features & incompat::DATA_FILE != 0 {
-                return refuse("an external data file");
-            }
-            if h.compression_type != CompressionType::Deflate {
-                return refuse("zstd compression");
-            }
-            if h.refcount_order != 4 {
-                return refuse("a refcount width other than 16 bits");
-            }
-            if h.bitmaps.is_some() {
-                return refuse("bitmaps");
-            }
-            if h.nb_snapshots > 0 {
-                return refuse("internal snapshots (not supported yet)");
-            }
+        if self.meta.lock().await.header.version == 2 {
+            return Ok(());
         }
         // Expand zero clusters of the active L1.
         let g = self.geometry;

@@ -13,7 +13,7 @@ use super::header::{self, autoclear, compat, incompat, CompressionType, Header};
 use super::l2::COPIED;
 use super::refcount::set_entry;
 use super::types::Geometry;
-use crate::storage::{FileStorageOpen, PreallocMode, Storage, StorageExt};
+use crate::storage::{FileStorageOpen, NewFile, PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use std::path::PathBuf;
 
@@ -181,25 +181,38 @@ impl Qcow2Create {
     /// Creates (or truncates) the image file at `path`; a data file named with
     /// [`Qcow2Create::data_file`] is created beside it (relative names resolve against the
     /// image's directory).
+    ///
+    /// Nothing is created when the options are invalid; a create that fails halfway removes
+    /// the files it made.
     pub async fn create(&self, path: impl Into<PathBuf>) -> Result<()> {
         let path = path.into();
         self.validate()?;
-        let file = FileStorageOpen::new(&path).create(true).open().await?;
+        let image = NewFile::new(&path);
+        let file = image.finish(FileStorageOpen::new(&path).create(true).open().await)?;
         let data = match &self.data_file {
             Some(name) => {
-                let resolved = file.resolve_name(name)?;
-                Some(
-                    FileStorageOpen::new(&resolved.path)
-                        .create(true)
-                        .open()
-                        .await?,
-                )
+                let resolved = image.finish(file.resolve_name(name))?;
+                let new = NewFile::new(&resolved.path);
+                let opened = FileStorageOpen::new(&resolved.path)
+                    .create(true)
+                    .open()
+                    .await;
+                Some((image.finish(new.finish(opened))?, new))
             }
             None => None,
         };
-        self.create_on(&file, data.as_ref().map(|d| d as &dyn Storage))
+        let result = self
+            .create_on(&file, data.as_ref().map(|(d, _)| d as &dyn Storage))
             .await
-            .map_err(|e| e.with_operation("create").with_path(&path))
+            .map_err(|e| e.with_operation("create").with_path(&path));
+        drop(file);
+        if let Some((d, new)) = data {
+            drop(d);
+            if result.is_err() {
+                new.remove_if_new();
+            }
+        }
+        image.finish(result)
     }
 
     /// Writes a new image over `file` (and sizes `data_file`, when the image has one).
@@ -314,8 +327,12 @@ impl Qcow2Create {
         };
         let header_bytes = h.to_bytes().map_err(Error::from)?;
 
-        // Start from an empty file so no stale bytes survive in metadata areas.
-        file.resize(0, PreallocMode::Off).await?;
+        // Start from an empty file so no stale bytes survive in metadata areas. (A block
+        // device keeps its old bytes: every metadata cluster below is written whole, and
+        // new clusters are written whole when they are allocated.)
+        if !file.is_block_device() {
+            file.resize(0, PreallocMode::Off).await?;
+        }
         let mut cluster0 = header_bytes;
         cluster0.resize(cs as usize, 0);
         file.write_at(0, &cluster0).await?;

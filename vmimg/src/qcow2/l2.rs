@@ -317,6 +317,39 @@ impl L2Cache {
         }
     }
 
+    /// Whether dirty tables made the cache grow past its capacity (they are only written by
+    /// a flush).
+    pub fn is_overfull(&self) -> bool {
+        self.inner.lock().unwrap().slots.len() > self.capacity
+    }
+
+    /// Drops clean tables no one else holds until the cache is back within its capacity
+    /// (after a flush made the tables that overfilled it clean).
+    pub fn trim(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        let mut excess = inner.slots.len().saturating_sub(self.capacity);
+        if excess == 0 {
+            return;
+        }
+        let keep: Vec<Slot> = std::mem::take(&mut inner.slots)
+            .into_iter()
+            .filter(|s| {
+                let droppable = !s.table.is_dirty() && Arc::strong_count(&s.table) == 1;
+                if droppable && excess > 0 {
+                    excess -= 1;
+                    return false;
+                }
+                true
+            })
+            .collect();
+        *inner = CacheInner::default();
+        for s in keep {
+            let i = inner.slots.len();
+            inner.index.insert(s.key, i);
+            inner.slots.push(s);
+        }
+    }
+
     /// Drops every clean cached table no one else holds.
     pub fn clear(&self) {
         let mut inner = self.inner.lock().unwrap();
@@ -451,6 +484,33 @@ mod tests {
         let got = c.insert(1, reader_copy);
         assert_eq!(got.entry(0).entry, 0x50000 | COPIED);
         assert!(Arc::ptr_eq(&got, &writer));
+    }
+
+    /// After a flush made the tables that overfilled the cache clean, `trim` brings it back
+    /// to its capacity, keeping dirty tables and tables held elsewhere.
+    #[test]
+    fn trim_drops_clean_tables_down_to_capacity() {
+        let c = L2Cache::new(2);
+        let held = c.insert(0, Arc::new(L2Table::from_bytes(&[0u8; 16], false)));
+        held.mark_dirty();
+        let mut others = Vec::new();
+        for k in 1..6 {
+            let t = c.insert(k, Arc::new(L2Table::from_bytes(&[0u8; 16], false)));
+            t.mark_dirty();
+            others.push(t);
+        }
+        assert_eq!(c.len(), 6);
+        assert!(c.is_overfull());
+        for t in &others[..4] {
+            t.take_bytes();
+        }
+        let still_dirty = others.pop().unwrap();
+        drop(others);
+        c.trim();
+        assert_eq!(c.len(), 2);
+        assert!(!c.is_overfull());
+        assert!(c.get(0).is_some() && c.get(5).is_some());
+        drop((held, still_dirty));
     }
 
     /// Regression: a table held for a pending commit was evicted, losing the commit.

@@ -72,13 +72,98 @@ pub(crate) struct Qcow2Params {
     pub writable: bool,
 }
 
+/// What another process may change in an image and [`FormatDriver::invalidate_cache`]
+/// re-reads: the header, the snapshot table and the bitmap directory.
+#[derive(Debug)]
+struct Tables {
+    header: Header,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Vec<BitmapEntry>,
+}
+
+/// The active state's (or the opened snapshot's) L1 table and virtual size, read with
+/// [`Tables`].
+struct Loaded {
+    tables: Tables,
+    l1: Vec<u64>,
+    size: u64,
+}
+
+/// Reads what [`Tables`] hold, and the L1 table of the active state or of `snapshot`.
+async fn load(file: &dyn Storage, header: Header, snapshot: Option<&str>) -> Result<Loaded> {
+    let geometry = header.geometry();
+    let snapshots = if header.nb_snapshots > 0 {
+        // Each entry is at least 40 bytes; read a bounded prefix and let the parser
+        // refuse a table that runs past it.
+        let max = (u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8))
+            .min(snapshot::MAX_TABLE_BYTES);
+        let table = read_table(file, header.snapshots_offset, max).await?;
+        snapshot::parse_table(&table, header.nb_snapshots, geometry)
+            .map_err(|e| Error::new(ErrorKind::InvalidFormat, e.to_string()).with_source(e))?
+    } else {
+        Vec::new()
+    };
+    // A snapshot is read with the image's current size, as QEMU does: L1 entries past the
+    // snapshot's table read as unallocated.
+    let (l1_offset, l1_size, size) = match snapshot {
+        None => (header.l1_table_offset, header.l1_size, header.size),
+        Some(want) => {
+            let s = snapshots
+                .iter()
+                .find(|s| s.id == want)
+                .or_else(|| snapshots.iter().find(|s| s.name == want))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("snapshot '{want}' does not exist"),
+                    )
+                })?;
+            (s.l1_table_offset, s.l1_size, header.size)
+        }
+    };
+    let needed = geometry.l1_entries_for(size).unwrap_or(u64::MAX);
+    if snapshot.is_none() && u64::from(l1_size) < needed {
+        return Err(Error::new(
+            ErrorKind::InvalidFormat,
+            format!("L1 table of {l1_size} entries is too small for size {size:#x}"),
+        ));
+    }
+    let l1_bytes = read_table(file, l1_offset, u64::from(l1_size) * 8).await?;
+    let l1 = be64_words(&l1_bytes, l1_size as usize);
+    let bitmaps = match header.bitmaps {
+        // Without the autoclear bit the bitmaps are stale: QEMU ignores (and drops) them.
+        Some(ext) if header.bitmaps_consistent() => {
+            let dir = read_table(file, ext.directory_offset, ext.directory_size).await?;
+            // A malformed directory only hides the bitmaps from `info`: the guest data
+            // does not depend on it.
+            bitmaps::parse_directory(&dir, ext.nb_bitmaps).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    Ok(Loaded {
+        tables: Tables {
+            header,
+            snapshots,
+            bitmaps,
+        },
+        l1,
+        size,
+    })
+}
+
 /// An open qcow2 layer.
 pub struct Qcow2Driver {
     file: Arc<dyn Storage>,
     data: Arc<dyn Storage>,
-    /// The header as opened (static facts for `info`; the live copy is in `meta`).
-    header: Header,
+    /// Header, snapshots and bitmaps as last read (at open, or by `invalidate_cache`); the
+    /// write path's live header is in `meta`.
+    tables: std::sync::RwLock<Arc<Tables>>,
+    /// The snapshot opened instead of the active state, if any.
+    snapshot: Option<String>,
+    /// Facts fixed when the image was created (checked again when the header is re-read).
     geometry: Geometry,
+    has_data_file: bool,
+    compression: CompressionType,
     /// The active L1 table; read under a short lock, changed with the metadata lock held.
     l1: std::sync::RwLock<Vec<u64>>,
     size: AtomicU64,
@@ -96,8 +181,6 @@ pub struct Qcow2Driver {
     /// QEMU's "metadata preallocation" guess, made on the first status query: only then are
     /// holes under data clusters reported as zeros.
     metadata_prealloc: tokio::sync::OnceCell<bool>,
-    snapshots: Vec<Snapshot>,
-    bitmaps: Vec<BitmapEntry>,
     decompressed: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
 }
 
@@ -106,7 +189,7 @@ impl std::fmt::Debug for Qcow2Driver {
         f.debug_struct("Qcow2Driver")
             .field("file", &self.file.path())
             .field("size", &self.size.load(Ordering::Relaxed))
-            .field("cluster_bits", &self.header.cluster_bits)
+            .field("cluster_bits", &self.geometry.cluster_bits())
             .field("cache", &self.cache)
             .finish()
     }
@@ -169,57 +252,7 @@ impl Qcow2Driver {
             (_, false) => Arc::clone(&file),
         };
 
-        let snapshots = if header.nb_snapshots > 0 {
-            // Each entry is at least 40 bytes; read a bounded prefix and let the parser
-            // refuse a table that runs past it.
-            let max = (u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8))
-                .min(snapshot::MAX_TABLE_BYTES);
-            let table = read_table(file.as_ref(), header.snapshots_offset, max).await?;
-            snapshot::parse_table(&table, header.nb_snapshots, geometry)
-                .map_err(|e| Error::new(ErrorKind::InvalidFormat, e.to_string()).with_source(e))?
-        } else {
-            Vec::new()
-        };
-
-        // A snapshot is read with the image's current size, as QEMU does: L1 entries past the
-        // snapshot's table read as unallocated.
-        let (l1_offset, l1_size, size) = match &params.snapshot {
-            None => (header.l1_table_offset, header.l1_size, header.size),
-            Some(want) => {
-                let s = snapshots
-                    .iter()
-                    .find(|s| &s.id == want)
-                    .or_else(|| snapshots.iter().find(|s| &s.name == want))
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::NotFound,
-                            format!("snapshot '{want}' does not exist"),
-                        )
-                    })?;
-                (s.l1_table_offset, s.l1_size, header.size)
-            }
-        };
-        let needed = geometry.l1_entries_for(size).unwrap_or(u64::MAX);
-        if params.snapshot.is_none() && u64::from(l1_size) < needed {
-            return Err(Error::new(
-                ErrorKind::InvalidFormat,
-                format!("L1 table of {l1_size} entries is too small for size {size:#x}"),
-            ));
-        }
-        let l1_bytes = read_table(file.as_ref(), l1_offset, u64::from(l1_size) * 8).await?;
-        let l1 = be64_words(&l1_bytes, l1_size as usize);
-
-        let bitmaps = match header.bitmaps {
-            Some(ext) => {
-                let dir =
-                    read_table(file.as_ref(), ext.directory_offset, ext.directory_size).await?;
-                // A malformed directory only hides the bitmaps from `info`: the guest data
-                // does not depend on it.
-                bitmaps::parse_directory(&dir, ext.nb_bitmaps).unwrap_or_default()
-            }
-            None => Vec::new(),
-        };
-
+        let loaded = load(file.as_ref(), header.clone(), params.snapshot.as_deref()).await?;
         let tables = (params.l2_cache_bytes / geometry.cluster_size()).max(16) as usize;
         let writable = params.writable;
         if writable {
@@ -234,8 +267,12 @@ impl Qcow2Driver {
             file,
             data,
             geometry,
-            l1: std::sync::RwLock::new(l1),
-            size: AtomicU64::new(size),
+            has_data_file: header.has_data_file(),
+            compression: header.compression_type,
+            tables: std::sync::RwLock::new(Arc::new(loaded.tables)),
+            snapshot: params.snapshot,
+            l1: std::sync::RwLock::new(loaded.l1),
+            size: AtomicU64::new(loaded.size),
             writable,
             corrupt: std::sync::atomic::AtomicBool::new(false),
             amended: std::sync::atomic::AtomicBool::new(false),
@@ -244,9 +281,6 @@ impl Qcow2Driver {
             meta: Arc::new(tokio::sync::Mutex::new(write::Meta::new(header.clone()))),
             metadata_prealloc: tokio::sync::OnceCell::new(),
             cache: L2Cache::new(tables),
-            snapshots,
-            bitmaps,
-            header,
             decompressed: Mutex::new(Vec::new()),
         })
     }
@@ -258,7 +292,8 @@ impl Qcow2Driver {
         self.metadata_prealloc
             .get_or_try_init(|| async {
                 let mut rc =
-                    refcount::Refcounts::for_header(self.file.as_ref(), &self.header).await?;
+                    refcount::Refcounts::for_header(self.file.as_ref(), &self.tables().header)
+                        .await?;
                 let cs = self.geometry.cluster_size();
                 let real = self.file.allocated_size().unwrap_or(0) / cs;
                 let threshold = (real * 10 / 9).max(real + 2);
@@ -270,14 +305,54 @@ impl Qcow2Driver {
             .copied()
     }
 
-    /// The parsed header.
-    pub fn header(&self) -> &Header {
-        &self.header
+    fn tables(&self) -> Arc<Tables> {
+        Arc::clone(&self.tables.read().unwrap())
     }
 
-    /// The internal snapshots.
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// The header as last read (at open, or by `invalidate_cache`).
+    pub fn header(&self) -> Header {
+        self.tables().header.clone()
+    }
+
+    /// The internal snapshots, as last read.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.tables().snapshots.clone()
+    }
+
+    /// Re-reads what another process may have changed: header, snapshot table, bitmap
+    /// directory, L1 table and size (a writable image flushes its own changes first). An
+    /// image re-created with another geometry, data file or compression type must be
+    /// reopened instead.
+    async fn reload(&self) -> Result<()> {
+        if self.writable {
+            self.flush_impl(false).await?;
+        }
+        let mut meta = self.lock_quiesced().await;
+        if self.writable {
+            self.flush_locked(&mut meta, false).await?;
+        }
+        let header = read_header(self.file.as_ref()).await?;
+        let g = header.geometry();
+        if g.cluster_bits() != self.geometry.cluster_bits()
+            || g.extended_l2() != self.geometry.extended_l2()
+            || header.has_data_file() != self.has_data_file
+            || header.compression_type != self.compression
+        {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the image was re-created with another layout: reopen it",
+            ));
+        }
+        let loaded = load(self.file.as_ref(), header.clone(), self.snapshot.as_deref()).await?;
+        self.cache.clear();
+        self.decompressed.lock().unwrap().clear();
+        *self.l1.write().unwrap() = loaded.l1;
+        self.size.store(loaded.size, Ordering::Release);
+        *self.tables.write().unwrap() = Arc::new(loaded.tables);
+        if self.writable {
+            meta.reset(header);
+        }
+        Ok(())
     }
 
     async fn l2_table(&self, offset: u64) -> Result<Arc<L2Table>> {
@@ -332,7 +407,7 @@ impl Qcow2Driver {
             )));
         }
         let table = self.l2_table(l2_offset).await?;
-        let has_data_file = self.header.has_data_file();
+        let has_data_file = self.has_data_file;
         let sc_size = g.subcluster_size();
         let state_at = |pos: u64| -> Result<ClusterState> {
             let c = g.guest_cluster(GuestOffset(pos));
@@ -394,7 +469,7 @@ impl Qcow2Driver {
             .read_at(host, &mut input)
             .await
             .map_err(|e| e.with_operation("read compressed cluster"))?;
-        let kind = self.header.compression_type;
+        let kind = self.compression;
         let cluster_size = self.geometry.cluster_size() as usize;
         // Decoding is CPU work: off the executor, several clusters in parallel.
         let out = compress::run_cpu(move || {
@@ -426,7 +501,8 @@ impl Qcow2Driver {
     }
 
     fn specific(&self) -> Qcow2Specific {
-        let h = &self.header;
+        let tables = self.tables();
+        let h = &tables.header;
         Qcow2Specific {
             compat: h.compat_name(),
             compression_type: h.compression_type.name(),
@@ -436,7 +512,7 @@ impl Qcow2Driver {
             extended_l2: h.geometry().extended_l2(),
             data_file: h.data_file.clone(),
             data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
-            bitmaps: self
+            bitmaps: tables
                 .bitmaps
                 .iter()
                 .map(|b| BitmapInfo {
@@ -605,28 +681,26 @@ impl FormatDriver for Qcow2Driver {
     }
 
     fn invalidate_cache(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            self.cache.clear();
-            self.decompressed.lock().unwrap().clear();
-            Ok(())
-        })
+        Box::pin(async move { self.reload().await })
     }
 
     fn describe(&self) -> ImageDescription {
+        let tables = self.tables();
+        let h = &tables.header;
         ImageDescription {
             filename: self.file.path().map(|p| p.display().to_string()),
             actual_size: self.file.allocated_size(),
-            backing_filename: self.header.backing_file.clone(),
-            full_backing_filename: self.header.backing_file.as_deref().map(|name| {
+            backing_filename: h.backing_file.clone(),
+            full_backing_filename: h.backing_file.as_deref().map(|name| {
                 self.file
                     .resolve_name(name)
                     .map(|r| r.path.display().to_string())
                     .unwrap_or_else(|_| name.to_string())
             }),
-            backing_format: self.header.backing_format.clone(),
-            dirty: self.header.is_dirty(),
+            backing_format: h.backing_format.clone(),
+            dirty: h.is_dirty(),
             cluster_size: Some(self.geometry.cluster_size()),
-            snapshots: self
+            snapshots: tables
                 .snapshots
                 .iter()
                 .map(|s| SnapshotInfo {

@@ -162,6 +162,15 @@ impl Meta {
         }
     }
 
+    /// Starts over from `header` (re-read from the file): refcounts are loaded again before
+    /// the next change. What is due at the next flush stays due.
+    pub(super) fn reset(&mut self, header: Header) {
+        let (file_end_due, zero_span) = (self.file_end_due, self.zero_span);
+        *self = Meta::new(header);
+        self.file_end_due = file_end_due;
+        self.zero_span = zero_span;
+    }
+
     pub(super) fn refcounts(&mut self) -> &mut Refcounts {
         self.refcounts
             .as_mut()
@@ -208,7 +217,7 @@ type MetaGuard = OwnedMutexGuard<Meta>;
 
 impl Qcow2Driver {
     fn has_data_file(&self) -> bool {
-        self.header.has_data_file()
+        self.has_data_file
     }
 
     /// Takes the metadata lock once no allocating write is in flight on guest clusters
@@ -340,9 +349,23 @@ impl Qcow2Driver {
         Err(self.mark_corrupt(meta, what).await)
     }
 
+    /// Writes `header` and makes it what `describe` reports (bitmaps whose autoclear bit
+    /// it clears are gone, as QEMU will see them).
     pub(super) async fn write_header(&self, header: &Header) -> Result<()> {
         let bytes = header.to_bytes().map_err(Error::from)?;
-        self.file.write_at(0, &bytes).await
+        self.file.write_at(0, &bytes).await?;
+        let mut tables = self.tables.write().unwrap();
+        let bitmaps = if header.bitmaps_consistent() {
+            tables.bitmaps.clone()
+        } else {
+            Vec::new()
+        };
+        *tables = Arc::new(super::Tables {
+            header: header.clone(),
+            snapshots: tables.snapshots.clone(),
+            bitmaps,
+        });
+        Ok(())
     }
 
     async fn record_move(&self, meta: &mut Meta, moved: Option<ReftableMove>) -> Result<()> {
@@ -432,6 +455,12 @@ impl Qcow2Driver {
     /// The L2 table for `l1_index`, made writable: allocated if missing, copied if shared
     /// with a snapshot.
     async fn writable_l2(&self, meta: &mut Meta, l1_index: usize) -> Result<Arc<L2Table>> {
+        if self.cache.is_overfull() {
+            // Dirty tables are only written by a flush: one operation touching more tables
+            // than the cache holds (zeroing a petabyte) must not keep them all in memory.
+            self.flush_locked(meta, false).await?;
+            self.cache.trim();
+        }
         let l1e = self
             .l1
             .read()
@@ -900,7 +929,7 @@ impl Qcow2Driver {
         }
         let mut cluster = buf.to_vec();
         cluster.resize(cs as usize, 0);
-        let kind = self.header.compression_type;
+        let kind = self.compression;
         // Compression is CPU work: off the executor, and outside the metadata lock so that
         // many clusters compress in parallel.
         let compressed = super::compress::run_cpu(move || {
@@ -1003,20 +1032,27 @@ impl Qcow2Driver {
 
     /// The per-cluster pieces of `[offset, offset + len)`: (start, end, cluster start,
     /// whether the piece covers its whole cluster, or all of it inside the image).
-    fn cluster_pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64, bool)> {
+    fn cluster_pieces(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (u64, u64, u64, bool)> + 'static {
         let cs = self.geometry.cluster_size();
         let size = self.size.load(std::sync::atomic::Ordering::Acquire);
         let end = offset + len;
-        let mut pieces = Vec::new();
+        // Lazily: zeroing or discarding terabytes must not build a list per cluster.
         let mut pos = offset;
-        while pos < end {
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
             let c_start = pos / cs * cs;
             let piece_end = end.min(c_start + cs);
             let whole = pos == c_start && piece_end >= (c_start + cs).min(size);
-            pieces.push((pos, piece_end, c_start, whole));
+            let piece = (pos, piece_end, c_start, whole);
             pos = piece_end;
-        }
-        pieces
+            Some(piece)
+        })
     }
 
     /// Zeroes `[offset, offset + len)`: whole clusters by metadata where the format allows,
@@ -1028,8 +1064,8 @@ impl Qcow2Driver {
         unmap: bool,
         below: ChainView<'_>,
     ) -> Result<()> {
-        let v3 = self.header.version >= 3;
-        let raw_data = self.header.data_file_raw();
+        let v3 = self.tables().header.version >= 3;
+        let raw_data = self.tables().header.data_file_raw();
         for (pos, piece_end, c_start, whole) in self.cluster_pieces(offset, len) {
             let c_end = (c_start + self.geometry.cluster_size())
                 .min(self.size.load(std::sync::atomic::Ordering::Acquire));
@@ -1119,7 +1155,7 @@ impl Qcow2Driver {
         if mode == DiscardMode::ReadsZero {
             return self.write_zeroes_impl(offset, len, true, below).await;
         }
-        if self.header.data_file_raw() {
+        if self.tables().header.data_file_raw() {
             // A raw data file must keep reading as the guest disk (and has no backing file):
             // discarded whole clusters read as zeros there, as in QEMU; partial ones are
             // left alone unless zeros were asked for.
@@ -1141,7 +1177,12 @@ impl Qcow2Driver {
             }
             return Ok(());
         }
-        let v3 = self.header.version >= 3;
+        let v3 = self.tables().header.version >= 3;
+        if mode == DiscardMode::ReadsAnything && !v3 && !below.is_empty() {
+            // v2 has no zero clusters: unmapping would expose the backing file's data where
+            // the guest had written its own, so the data stays (as in QEMU).
+            return Ok(());
+        }
         for (pos, piece_end, c_start, whole) in self.cluster_pieces(offset, len) {
             let zero = mode == DiscardMode::ReadsAnything && v3 && !below.is_empty();
             if whole {
@@ -1473,7 +1514,7 @@ impl Qcow2Driver {
         name: Option<&str>,
         format: Option<&str>,
     ) -> Result<()> {
-        if name.is_some() && self.header.data_file_raw() {
+        if name.is_some() && self.tables().header.data_file_raw() {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "an image with a raw external data file cannot have a backing file",
@@ -1493,5 +1534,59 @@ impl Qcow2Driver {
         self.file.sync().await?;
         meta.header = h;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::OpenOptions;
+    use crate::storage::MemoryStorage;
+    use crate::{Image, ImageOpen};
+
+    async fn small_cache_image(size: u64) -> Image {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        super::super::Qcow2Create::new(size)
+            .cluster_size(512)
+            .create_on(storage.as_ref(), None)
+            .await
+            .unwrap();
+        ImageOpen::storage(storage)
+            .format(crate::Format::Qcow2)
+            .options(OpenOptions::new().writable(true).l2_cache_size(16 * 512))
+            .open()
+            .await
+            .unwrap()
+    }
+
+    fn driver(image: &Image) -> &Qcow2Driver {
+        image.driver().as_any().downcast_ref().unwrap()
+    }
+
+    /// Regression: dirty L2 tables are never evicted, so zeroing a range that touches more
+    /// tables than the cache holds kept them all in memory until the final flush (a
+    /// petabyte: gigabytes of tables).
+    #[tokio::test]
+    async fn zeroing_many_tables_keeps_the_cache_bounded() {
+        // 512-byte clusters: one table covers 32 KiB; 4 MiB is 128 tables.
+        let image = small_cache_image(4 << 20).await;
+        image.write(0, &[7u8; 4096]).await.unwrap();
+        image.write_zeroes(0, 4 << 20, false).await.unwrap();
+        let cached = driver(&image).cache.len();
+        assert!(cached <= 17, "{cached} tables cached, the budget is 16");
+        image.flush().await.unwrap();
+        let mut buf = vec![1u8; 8192];
+        image.read(0, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    /// Regression: the per-cluster pieces of a request were built as a list up front, a
+    /// list as long as the request has clusters.
+    #[tokio::test]
+    async fn cluster_pieces_are_produced_lazily() {
+        let image = small_cache_image(1 << 20).await;
+        let mut pieces = driver(&image).cluster_pieces(100, u64::MAX / 2);
+        assert_eq!(pieces.next(), Some((100, 512, 0, false)));
+        assert_eq!(pieces.next(), Some((512, 1024, 512, true)));
     }
 }

@@ -4,7 +4,9 @@ use crate::format::{
     probe_bytes, ChainView, DiscardMode, Format, FormatDriver, MapKind, MapQuery, Mapping,
     WriteTarget, PROBE_BYTES,
 };
-use crate::storage::{BoxFuture, FileStorageOpen, HostExtent, Permissions, PreallocMode, Storage};
+use crate::storage::{
+    BoxFuture, FileStorageOpen, HostExtent, NewFile, Permissions, PreallocMode, Storage,
+};
 use crate::{Error, ErrorKind, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -272,17 +274,51 @@ impl RawCreate {
         self.size
     }
 
-    /// Creates (or truncates) the file at `path`.
+    /// Creates (or truncates) the file at `path`. Nothing is created for a size no file can
+    /// have; a create that fails halfway (a full disk) removes the file it made.
     pub async fn create(self, path: impl Into<PathBuf>) -> Result<()> {
         let path = path.into();
-        let storage = FileStorageOpen::new(&path).create(true).open().await?;
-        self.create_on(&storage)
+        self.validate()?;
+        let new = NewFile::new(&path);
+        let storage = new.finish(FileStorageOpen::new(&path).create(true).open().await)?;
+        let result = self
+            .create_on(&storage)
             .await
-            .map_err(|e| e.with_operation("create").with_path(&path))
+            .map_err(|e| e.with_operation("create").with_path(&path));
+        drop(storage);
+        new.finish(result)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.size > i64::MAX as u64 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "Invalid image size specified. Must be between 0 and {}.",
+                    i64::MAX
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Writes a new image over `storage`, discarding what it held.
     pub async fn create_on(self, storage: &dyn Storage) -> Result<()> {
+        self.validate()?;
+        if storage.is_block_device() {
+            // A device keeps its size and content; the image must fit.
+            let have = storage.size()?;
+            if self.size > have {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "the image size {} is larger than the device ({have} bytes)",
+                        self.size
+                    ),
+                ));
+            }
+            return storage.flush().await;
+        }
         storage.resize(0, PreallocMode::Off).await?;
         storage.resize(self.size, self.prealloc).await?;
         storage.flush().await

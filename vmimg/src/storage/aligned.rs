@@ -198,6 +198,10 @@ impl Storage for AlignedStorage {
         self.inner.permissions()
     }
 
+    fn is_block_device(&self) -> bool {
+        self.inner.is_block_device()
+    }
+
     fn resolve_name(&self, name: &str) -> Result<ResolvedName> {
         self.inner.resolve_name(name)
     }

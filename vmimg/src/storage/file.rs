@@ -234,11 +234,6 @@ impl FileStorage {
         self.direct
     }
 
-    /// Whether the file is a block device.
-    pub fn is_block_device(&self) -> bool {
-        self.block_device
-    }
-
     fn ctx(&self, err: Error, op: &'static str, offset: u64) -> Error {
         err.with_operation(op)
             .with_path(&self.path)
@@ -696,13 +691,25 @@ impl Storage for FileStorage {
         Box::pin(async move {
             check_request(self, "discard", offset, len, true)
                 .map_err(|e| e.with_path(&self.path))?;
+            let block_device = self.block_device;
             self.run("discard", offset, move |f| {
                 let end = (offset + len).min(file_len(f)?);
                 if offset >= end {
                     return Ok(());
                 }
-                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                match sys::fallocate(f, mode, offset, end - offset) {
+                let r = if block_device {
+                    // The device's own discard, on the whole 4 KiB blocks inside the range
+                    // (discard is advisory: the edges are left alone).
+                    let (start, stop) = (offset.div_ceil(4096) * 4096, end / 4096 * 4096);
+                    if start >= stop {
+                        return Ok(());
+                    }
+                    sys::blk_discard(f, start, stop - start)
+                } else {
+                    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    sys::fallocate(f, mode, offset, end - offset)
+                };
+                match r {
                     Err(e) if !is_unsupported(&e) => Err(e.into()),
                     _ => Ok(()),
                 }
@@ -765,6 +772,10 @@ impl Storage for FileStorage {
 
     fn permissions(&self) -> (Permissions, Permissions) {
         self.locks.get()
+    }
+
+    fn is_block_device(&self) -> bool {
+        self.block_device
     }
 }
 

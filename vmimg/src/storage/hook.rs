@@ -290,6 +290,10 @@ impl<S: Storage, H: StorageHook<S>> Storage for HookStorage<S, H> {
         self.inner.permissions()
     }
 
+    fn is_block_device(&self) -> bool {
+        self.inner.is_block_device()
+    }
+
     fn resolve_name(&self, name: &str) -> Result<ResolvedName> {
         self.inner.resolve_name(name)
     }

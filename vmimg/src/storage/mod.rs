@@ -181,6 +181,12 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Whether the medium is a block device: its size is its own (resizing fails unless the
+    /// size stays), and creating an image on it writes over it rather than truncating it.
+    fn is_block_device(&self) -> bool {
+        false
+    }
+
     /// The permissions last stated: `(held, shared)`.
     fn permissions(&self) -> (Permissions, Permissions) {
         (Permissions::NONE, Permissions::ALL)
@@ -235,6 +241,38 @@ pub trait StorageExt: Storage {
 }
 
 impl<S: Storage + ?Sized> StorageExt for S {}
+
+/// A file a create operation is about to make: if the operation fails, the file is removed
+/// again when it did not exist before (a failed create leaves nothing behind; a file that
+/// was there is left, whatever state the failure left it in).
+pub(crate) struct NewFile {
+    path: PathBuf,
+    existed: bool,
+}
+
+impl NewFile {
+    pub(crate) fn new(path: &Path) -> Self {
+        NewFile {
+            path: path.to_path_buf(),
+            existed: path.symlink_metadata().is_ok(),
+        }
+    }
+
+    /// Removes the file if the create made it.
+    pub(crate) fn remove_if_new(&self) {
+        if !self.existed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Passes `result` through, removing the file first if it failed.
+    pub(crate) fn finish<T>(&self, result: Result<T>) -> Result<T> {
+        if result.is_err() {
+            self.remove_if_new();
+        }
+        result
+    }
+}
 
 /// Total byte length of a set of I/O vectors.
 pub(crate) fn iov_len(bufs: &[impl std::ops::Deref<Target = [u8]>]) -> usize {

@@ -180,3 +180,19 @@ pub(super) fn ofd_locked_elsewhere(file: &File, byte: u64) -> io::Result<bool> {
     }
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
+
+/// `ioctl(fd, BLKDISCARD, [offset, len])`: tells a block device the range is unused (its
+/// content becomes undefined). Offsets must be multiples of the logical block size.
+pub(super) fn blk_discard(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    /// `_IO(0x12, 119)`.
+    const BLKDISCARD: libc::c_ulong = 0x1277;
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: the descriptor comes from a live `&File`; BLKDISCARD reads two u64 values
+    // (start, length) from the pointer, which points at `range`, alive for the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

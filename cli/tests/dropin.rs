@@ -1,0 +1,676 @@
+//! Behaviour a qemu-img user relies on, checked side by side with QEMU's tools: backing
+//! files, data bugs found by QEMU's test suite, convert's options, bad input, and messages.
+
+mod common;
+
+use common::*;
+
+/// `info` on an overlay whose backing file is missing shows the image, naming the backing
+/// file, as qemu-img does (which opens no backing file for info); `--backing-chain` fails
+/// in both.
+#[test]
+fn info_works_when_the_backing_file_is_missing() {
+    let dir = tempdir();
+    let img = dir.path().join("top.qcow2");
+    qemu_img([
+        "create",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "/nonexistent/base.raw",
+        "-F",
+        "raw",
+        s(&img),
+        "1M",
+    ])
+    .ok();
+    let ours = vmimg(["info", "--output=json", s(&img)]).ok();
+    let theirs = qemu_img(["info", "--output=json", s(&img)]).ok();
+    let ours: serde_json::Value = serde_json::from_str(&ours.stdout).unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&theirs.stdout).unwrap();
+    for key in [
+        "backing-filename",
+        "full-backing-filename",
+        "backing-filename-format",
+        "virtual-size",
+        "format",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    let human = vmimg(["info", s(&img)]).ok();
+    assert!(
+        human.stdout.contains("backing file: /nonexistent/base.raw"),
+        "{}",
+        human.stdout
+    );
+    assert_eq!(vmimg(["info", "--backing-chain", s(&img)]).status, 1);
+    assert_eq!(qemu_img(["info", "--backing-chain", s(&img)]).status, 1);
+}
+
+/// qemu-img 10 refuses a backing file without its format, in create (with the probed
+/// format as a hint), rebase (safe and -u) and convert -B; so does vmimg, with the same
+/// words, and nothing is created or changed.
+#[test]
+fn a_backing_file_needs_its_format() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]).ok();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "top.qcow2", "1M"]).ok();
+    let top_before = std::fs::read(d.join("top.qcow2")).unwrap();
+    let cases: &[&[&str]] = &[
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "new.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "new.qcow2",
+            "1M",
+        ],
+        &["rebase", "-b", "base.qcow2", "top.qcow2"],
+        &["rebase", "-u", "-b", "base.qcow2", "top.qcow2"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "top.qcow2",
+            "new.qcow2",
+        ],
+    ];
+    for args in cases {
+        let q = qemu_img_in(d, *args);
+        let v = vmimg_in(d, *args);
+        assert_eq!(q.status, 1, "{args:?}: {q:?}");
+        assert_eq!(v.status, 1, "{args:?}: {v:?}");
+        // The same words after each tool's prefix.
+        let strip = |e: &str, tool: &str| e.trim().trim_start_matches(tool).to_string();
+        assert_eq!(
+            strip(&v.stderr, "vmimg: "),
+            strip(&q.stderr, "qemu-img: "),
+            "{args:?}"
+        );
+        assert!(!d.join("new.qcow2").exists(), "{args:?} created a file");
+    }
+    assert!(std::fs::read(d.join("top.qcow2")).unwrap() == top_before);
+}
+
+/// `convert -c -B base`: zero clusters of the source over data in the base are written as
+/// zeros (before, they were left out and the output read the base's data there).
+#[test]
+fn compressed_convert_with_a_backing_file_keeps_the_sources_zeros() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]).ok();
+    qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 0x11 0 4M", "base.qcow2"]).ok();
+    qemu_img_in(
+        d,
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "src.qcow2",
+        ],
+    )
+    .ok();
+    qemu_io_in(
+        d,
+        [
+            "-f",
+            "qcow2",
+            "-c",
+            "write -z 0 1M",
+            "-c",
+            "write -P 0x33 1M 64k",
+            "-c",
+            "write -P 0x11 2M 64k",
+            "src.qcow2",
+        ],
+    )
+    .ok();
+    for compress in [true, false] {
+        let mut args = vec!["convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2"];
+        if compress {
+            args.push("-c");
+        }
+        args.extend(["src.qcow2", "out.qcow2"]);
+        vmimg_in(d, &args).ok();
+        qemu_img_in(d, ["compare", "src.qcow2", "out.qcow2"]).ok();
+        qemu_img_in(d, ["check", "out.qcow2"]).ok();
+        // The zeros are the output's own; what equals the base is not copied.
+        let map = qemu_img_in(d, ["map", "--output=json", "out.qcow2"]).ok();
+        assert!(
+            map.stdout.contains(
+                "\"start\": 0, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": true"
+            ) && map.stdout.contains("\"depth\": 1"),
+            "{}",
+            map.stdout
+        );
+    }
+}
+
+/// `discard` on a compat=0.10 overlay keeps the data (v2 has no zero clusters, and
+/// unmapping would show the backing file's data), as qemu-io does.
+#[test]
+fn discard_on_a_v2_overlay_keeps_the_data_like_qemu_io() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(
+        d,
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "base.qcow2",
+            "4M",
+        ],
+    )
+    .ok();
+    qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 0x11 0 4M", "base.qcow2"]).ok();
+    for (tool, name) in [("qemu", "q.qcow2"), ("vmimg", "v.qcow2")] {
+        qemu_img_in(
+            d,
+            [
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                name,
+            ],
+        )
+        .ok();
+        qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 0x22 0 1M", name]).ok();
+        let cmds = [
+            "-f",
+            "qcow2",
+            "-c",
+            "discard 0 1M",
+            "-c",
+            "discard 0 64k",
+            name,
+        ];
+        match tool {
+            "qemu" => qemu_io_in(d, cmds).ok(),
+            _ => vmimg_in(d, ["io"].iter().chain(cmds.iter())).ok(),
+        };
+        qemu_io_in(d, ["-f", "qcow2", "-c", "read -P 0x22 0 1M", name]).ok();
+    }
+    qemu_img_in(d, ["compare", "q.qcow2", "v.qcow2"]).ok();
+}
+
+/// `amend` checks every option before changing anything: a refused amend leaves the image
+/// byte for byte as it was (before, `size=2M,refcount_bits=3` failed after resizing).
+/// qemu-img refuses the same combinations.
+#[test]
+fn a_refused_amend_changes_nothing() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    qemu_io(["-f", "qcow2", "-c", "write -P 0x5 0 64k", s(&img)]).ok();
+    let refused = [
+        "size=2M,refcount_bits=3",
+        "size=2M,compat=0.10,refcount_bits=8",
+        "size=2M,compat=0.10,lazy_refcounts=on",
+        "size=2M,compat=2.0",
+    ];
+    for opts in refused {
+        let before = std::fs::read(&img).unwrap();
+        let q = qemu_img(["amend", "-o", opts, s(&img)]);
+        assert_eq!(q.status, 1, "qemu-img accepted {opts}");
+        assert!(std::fs::read(&img).unwrap() == before);
+        let v = vmimg(["amend", "-o", opts, s(&img)]);
+        assert_eq!(v.status, 1, "vmimg accepted {opts}");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "a refused amend ({opts}) changed the image"
+        );
+    }
+    // The first one in qemu-img's words.
+    let v = vmimg(["amend", "-o", "size=2M,refcount_bits=3", s(&img)]);
+    assert!(
+        v.stderr
+            .contains("Refcount width must be a power of two and may not exceed 64 bits"),
+        "{}",
+        v.stderr
+    );
+    vmimg(["amend", "-o", "size=2M,refcount_bits=8", s(&img)]).ok();
+    qemu_img(["check", s(&img)]).ok();
+}
+
+/// After a vmimg write, QEMU considers the image's persistent bitmaps stale (their
+/// autoclear bit is cleared) and lists none: neither does `vmimg info`, in a new process
+/// or in the one that wrote.
+#[test]
+fn info_lists_the_bitmaps_qemu_will_see() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img), "16M"]).ok();
+    qemu_img(["bitmap", "--add", s(&img), "b0"]).ok();
+    let before = vmimg(["info", s(&img)]).ok();
+    assert!(before.stdout.contains("name: b0"), "{}", before.stdout);
+    vmimg(["io", "-c", "write 0 64k", s(&img)]).ok();
+    let theirs = qemu_img(["info", "-U", s(&img)]).ok();
+    let ours = vmimg(["info", s(&img)]).ok();
+    assert!(!theirs.stdout.contains("bitmaps:"), "{}", theirs.stdout);
+    assert!(!ours.stdout.contains("bitmaps:"), "{}", ours.stdout);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let img2 = dir.path().join("img2.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img2), "16M"]).ok();
+    qemu_img(["bitmap", "--add", s(&img2), "b1"]).ok();
+    rt.block_on(async {
+        let image = vmimg::ImageOpen::path(&img2)
+            .format(vmimg::Format::Qcow2)
+            .writable(true)
+            .open()
+            .await
+            .unwrap();
+        let bitmaps = |image: &vmimg::Image| match image.describe().format_specific {
+            Some(vmimg::format::FormatSpecific::Qcow2(q)) => q.bitmaps.len(),
+            _ => panic!("not qcow2"),
+        };
+        assert_eq!(bitmaps(&image), 1);
+        image.write(0, &[1u8; 512]).await.unwrap();
+        assert_eq!(bitmaps(&image), 0, "the writer still lists stale bitmaps");
+        image.flush().await.unwrap();
+    });
+}
+
+/// `-p` prints qemu-img's progress lines on stdout, also into a pipe.
+#[test]
+fn convert_progress_is_qemu_imgs() {
+    let dir = tempdir();
+    let src = dir.path().join("src.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&src), "16M"]).ok();
+    qemu_io(["-f", "qcow2", "-c", "write -P 1 0 8M", s(&src)]).ok();
+    for extra in [&[][..], &["-c"]] {
+        let mut args = vec!["convert", "-p", "-O", "qcow2"];
+        args.extend(extra);
+        let out = dir.path().join("out.qcow2");
+        args.extend([s(&src), s(&out)]);
+        let r = vmimg(&args).ok();
+        assert!(r.stdout.starts_with("    (0.00/100%)\r"), "{:?}", r.stdout);
+        assert!(
+            r.stdout
+                .ends_with("    (100.00/100%)\r    (100.00/100%)\r\n"),
+            "{:?}",
+            r.stdout
+        );
+        for piece in r.stdout.trim_end_matches('\n').split('\r') {
+            if piece.is_empty() {
+                continue;
+            }
+            let pct = piece
+                .strip_prefix("    (")
+                .and_then(|p| p.strip_suffix("/100%)"))
+                .unwrap_or_else(|| panic!("not a progress line: {piece:?}"));
+            let v: f64 = pct.parse().unwrap();
+            assert!((0.0..=100.0).contains(&v));
+        }
+    }
+}
+
+/// `-S 0` writes every byte: the target is fully allocated, as qemu-img makes it.
+#[test]
+fn convert_s0_allocates_everything() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "src.qcow2", "4M"]).ok();
+    qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 1 1M 64k", "src.qcow2"]).ok();
+    for (tool, out) in [("q", "q.qcow2"), ("v", "v.qcow2"), ("v", "v.raw")] {
+        let fmt = if out.ends_with("raw") { "raw" } else { "qcow2" };
+        let args = ["convert", "-S", "0", "-O", fmt, "src.qcow2", out];
+        match tool {
+            "q" => qemu_img_in(d, args).ok(),
+            _ => vmimg_in(d, args).ok(),
+        };
+    }
+    let map = |f: &str| qemu_img_in(d, ["map", "--output=json", f]).ok().stdout;
+    assert_eq!(map("v.qcow2"), map("q.qcow2"));
+    assert!(map("v.qcow2").contains("\"zero\": false, \"data\": true"));
+    assert!(allocated(&d.join("v.raw")) >= 4 << 20);
+    qemu_img_in(d, ["compare", "src.qcow2", "v.qcow2"]).ok();
+}
+
+/// `-o backing_file=..,backing_fmt=..` is `-B`/`-F`: the same output as with -B.
+#[test]
+fn convert_backing_options_behave_as_b() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]).ok();
+    qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 0x11 0 4M", "base.qcow2"]).ok();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "src.qcow2", "4M"]).ok();
+    qemu_io_in(
+        d,
+        [
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 4M",
+            "-c",
+            "write -P 0x22 1M 64k",
+            "src.qcow2",
+        ],
+    )
+    .ok();
+    vmimg_in(
+        d,
+        [
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "src.qcow2",
+            "b.qcow2",
+        ],
+    )
+    .ok();
+    vmimg_in(
+        d,
+        [
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "backing_file=base.qcow2,backing_fmt=qcow2",
+            "src.qcow2",
+            "o.qcow2",
+        ],
+    )
+    .ok();
+    let map = |f: &str| qemu_img_in(d, ["map", "--output=json", f]).ok().stdout;
+    assert_eq!(map("o.qcow2"), map("b.qcow2"));
+    qemu_img_in(d, ["compare", "src.qcow2", "o.qcow2"]).ok();
+    let info = qemu_img_in(d, ["info", "o.qcow2"]).ok();
+    assert!(info.stdout.contains("backing file: base.qcow2"));
+}
+
+/// Options qemu-img refuses are refused with its words, and nothing is created.
+#[test]
+fn convert_refuses_what_qemu_img_refuses() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "src.qcow2", "1M"]).ok();
+    let cases: &[&[&str]] = &[
+        &["convert", "-m", "0", "-O", "raw", "src.qcow2", "out"],
+        &["convert", "-m", "17", "-O", "raw", "src.qcow2", "out"],
+        &[
+            "convert",
+            "-c",
+            "-o",
+            "preallocation=metadata",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "out",
+        ],
+        &["convert", "-c", "-O", "raw", "src.qcow2", "out"],
+    ];
+    for args in cases {
+        let q = qemu_img_in(d, *args);
+        let v = vmimg_in(d, *args);
+        assert_eq!(q.status, 1, "{args:?}");
+        assert_eq!(v.status, 1, "{args:?}");
+        assert_eq!(
+            v.stderr.trim().trim_start_matches("vmimg: "),
+            q.stderr.trim().trim_start_matches("qemu-img: "),
+            "{args:?}"
+        );
+        assert!(!d.join("out").exists(), "{args:?} created the output");
+    }
+}
+
+/// A size no file can have is refused before anything is printed or created (before, a
+/// 0-byte file was left after "Formatting ...").
+#[test]
+fn create_validates_before_creating() {
+    let dir = tempdir();
+    for fmt in ["raw", "qcow2"] {
+        for size in ["8E", "9E"] {
+            let f = dir.path().join(format!("x.{fmt}"));
+            let r = vmimg(["create", "-f", fmt, s(&f), size]);
+            assert_eq!(r.status, 1);
+            assert!(r.stdout.is_empty(), "{}", r.stdout);
+            assert!(
+                r.stderr.contains(
+                    "Invalid image size specified. Must be between 0 and 9223372036854775807."
+                ),
+                "{}",
+                r.stderr
+            );
+            assert!(!f.exists(), "{fmt} {size} left a file");
+        }
+        let f = dir.path().join(format!("y.{fmt}"));
+        let opt = if fmt == "raw" {
+            "preallocation=bogus"
+        } else {
+            "cluster_size=3k"
+        };
+        assert_eq!(
+            vmimg(["create", "-f", fmt, "-o", opt, s(&f), "1M"]).status,
+            1
+        );
+        assert!(!f.exists(), "{fmt} -o {opt} left a file");
+    }
+}
+
+/// `--untrusted` holds for every command: check does not probe either.
+#[test]
+fn untrusted_check_does_not_probe() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    let r = vmimg(["--untrusted", "check", s(&img)]);
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(r.stderr.contains("probing is unsafe"), "{}", r.stderr);
+    vmimg(["--untrusted", "check", "-f", "qcow2", s(&img)]).ok();
+}
+
+/// qemu-io's request limit, with its words, instead of a buffer of the asked size; zeroing
+/// with -n may cover terabytes, in bounded memory.
+#[test]
+fn io_refuses_requests_qemu_io_refuses_and_zeroes_terabytes() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        s(&img),
+        "4T",
+    ])
+    .ok();
+    for cmd in [
+        "write 0 3G",
+        "read 0 3G",
+        "writev 0 1G 1G 1G",
+        "readv 0 1G 1G 1G",
+        "discard 0 1T",
+        "write -z 0 1T",
+    ] {
+        let q = qemu_io(["-f", "qcow2", "-c", cmd, s(&img)]);
+        let v = vmimg(["io", "-f", "qcow2", "-c", cmd, s(&img)]);
+        assert_eq!(v.stdout, q.stdout, "{cmd}");
+    }
+    let v = vmimg([
+        "io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 5 1T 1M",
+        "-c",
+        "write -P 6 3T 1M",
+        "-c",
+        "write -z -n 0 3T",
+        "-c",
+        "read -P 0 1T 1M",
+        "-c",
+        "read -P 6 3T 1M",
+        s(&img),
+    ])
+    .ok();
+    assert!(!v.stdout.contains("verification failed"), "{}", v.stdout);
+    qemu_img(["check", s(&img)]).ok();
+}
+
+/// `snapshot -l` prints nothing for an image without snapshots, as qemu-img.
+#[test]
+fn snapshot_list_of_an_image_without_snapshots_is_empty() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    let q = qemu_img(["snapshot", "-l", s(&img)]).ok();
+    let v = vmimg(["snapshot", "-l", s(&img)]).ok();
+    assert_eq!(v.stdout, q.stdout);
+    assert!(v.stdout.is_empty());
+}
+
+/// Each cause of an error is said once: no line of the error repeats another's text.
+#[test]
+fn errors_say_each_cause_once() {
+    let dir = tempdir();
+    let d = dir.path();
+    // A qcow2 header with an impossible cluster size, a missing file, a missing backing
+    // file, a read-only target directory.
+    let mut bad = b"QFI\xfb\0\0\0\x03".to_vec();
+    bad.resize(512, 0);
+    bad[20..24].copy_from_slice(&3u32.to_be_bytes());
+    std::fs::write(d.join("bad.qcow2"), &bad).unwrap();
+    qemu_img_in(
+        d,
+        [
+            "create",
+            "-q",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "gone.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "1M",
+        ],
+    )
+    .ok();
+    let runs = [
+        vmimg_in(d, ["info", "bad.qcow2"]),
+        vmimg_in(d, ["info", "missing.qcow2"]),
+        vmimg_in(d, ["convert", "-O", "raw", "top.qcow2", "out.raw"]),
+        vmimg_in(d, ["info", "--backing-chain", "top.qcow2"]),
+        vmimg_in(d, ["convert", "-O", "raw", "bad.qcow2", "/proc/out.raw"]),
+    ];
+    for r in runs {
+        assert_ne!(r.status, 0);
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        let first = lines[0];
+        for l in &lines[1..] {
+            let cause = l.trim().trim_start_matches("caused by: ");
+            assert!(
+                !first.contains(cause),
+                "the cause is said twice:\n{}",
+                r.stderr
+            );
+        }
+    }
+}
+
+/// `Image::invalidate_cache` re-reads what another process changed: header (size, backing
+/// file), L1 and L2 tables, snapshots. Before, it only dropped cached L2 tables.
+#[test]
+fn invalidate_cache_rereads_what_another_process_changed() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img), "16M"]).ok();
+    qemu_io(["-f", "qcow2", "-c", "write -P 1 0 64k", s(&img)]).ok();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let image = vmimg::ImageOpen::path(&img)
+            .format(vmimg::Format::Qcow2)
+            .force_share(true)
+            .open()
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 65536];
+        image.read(0, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 1));
+        // Another process resizes, writes (a new L2 table beyond the old end, in place at
+        // 0), takes a snapshot and renames the backing file.
+        qemu_img(["resize", "-f", "qcow2", s(&img), "1G"]).ok();
+        qemu_io([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 2 0 64k",
+            "-c",
+            "write -P 3 900M 64k",
+            s(&img),
+        ])
+        .ok();
+        qemu_img(["snapshot", "-c", "s1", s(&img)]).ok();
+        qemu_img([
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "other.raw",
+            "-F",
+            "raw",
+            s(&img),
+        ])
+        .ok();
+        assert_eq!(
+            image.size(),
+            16 << 20,
+            "the handle saw the change by itself"
+        );
+        image.invalidate_cache().await.unwrap();
+        assert_eq!(image.size(), 1 << 30);
+        image.read(0, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 2));
+        image.read(900 << 20, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 3));
+        let desc = image.describe();
+        assert_eq!(desc.snapshots.len(), 1);
+        assert_eq!(desc.snapshots[0].name, "s1");
+        assert_eq!(desc.backing_filename.as_deref(), Some("other.raw"));
+    });
+}
