@@ -310,6 +310,35 @@ mod tests {
         assert_eq!(vdi_and(b"QED\0"), "qed");
     }
 
+    /// Hostile first sectors (random bytes, and text made of the vmdk descriptor's
+    /// characters) and names never make the probe panic.
+    #[test]
+    fn random_sectors_never_panic() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let alphabet = b"# \r\nversion=123QFI\xfbLUKSconectix";
+        for i in 0..20_000 {
+            let len = (next() % 600) as usize;
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    if i % 2 == 0 {
+                        r as u8
+                    } else {
+                        alphabet[(r % alphabet.len() as u64) as usize]
+                    }
+                })
+                .collect();
+            let name = if i % 3 == 0 { Some("x.dmg") } else { None };
+            assert!(probed_names().any(|n| n == probe_bytes(&buf, name)));
+        }
+    }
+
     #[test]
     fn short_buffers_are_zero_padded() {
         assert_eq!(probe_bytes(b"conectix", None), "vpc");
