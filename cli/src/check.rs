@@ -69,12 +69,7 @@ pub async fn run(args: CheckArgs) -> CmdResult {
         eprintln!("vmimg: This image format does not support checks");
         return Ok(NOT_SUPPORTED);
     }
-    if writable && args.force_share {
-        return Err(crate::usage_error(
-            "force-share=on can only be used with read-only images",
-        ));
-    }
-    let (perm, shared) = format.permissions(writable, Permissions::ALL, args.force_share);
+    let (perm, shared) = format.permissions(writable, Permissions::ALL, args.force_share)?;
     storage
         .set_permissions(perm, shared)
         .map_err(|e| e.with_operation("open"))?;

@@ -414,7 +414,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         sources.push(img);
     }
 
-    refuse_aliased_target(dst_name, src_names, &sources)?;
+    crate::refuse_aliased_target(dst_name, src_names, &sources)?;
     let mut opts = parse_options(&args.options)?;
     // `-o backing_file=..,backing_fmt=..` is `-B`/`-F` (the output holds only what differs
     // from its backing file), as in qemu-img.
@@ -564,37 +564,6 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         b.finish();
     }
     Ok(0)
-}
-
-/// Refuses a target that is one of the files the sources are read from (a source itself
-/// under any name, or a file of a source's backing chain): creating or writing it would
-/// destroy what is being copied. The image locks refuse this too; this check also holds
-/// with `-U` and where the file system has no locks.
-fn refuse_aliased_target(dst: &str, names: &[String], sources: &[Image]) -> Result<(), Error> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(target) = std::fs::metadata(dst) else {
-        return Ok(());
-    };
-    let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
-    for (name, src) in names.iter().zip(sources) {
-        let mut layer = Some(src.clone());
-        while let Some(img) = layer {
-            let same = img
-                .driver()
-                .storage()
-                .path()
-                .and_then(|p| std::fs::metadata(p).ok())
-                .is_some_and(|m| id(&m) == id(&target));
-            if same {
-                return Err(usage_error(format!(
-                    "'{dst}' is the source image '{name}' or a file of its backing chain: \
-                     converting onto it would destroy it"
-                )));
-            }
-            layer = img.backing();
-        }
-    }
-    Ok(())
 }
 
 /// Reads `buf.len()` bytes at `offset` of the concatenation of `sources` (image, base).

@@ -82,6 +82,11 @@ pub async fn run(args: DdArgs) -> CmdResult {
         .filter(|&s| s <= end)
         .ok_or_else(|| usage_error("cannot skip past the end of the input"))?;
     let len = end - start;
+    crate::refuse_aliased_target(
+        &ops.output,
+        std::slice::from_ref(&ops.input),
+        std::slice::from_ref(&src),
+    )?;
     let (create, _, _) = raw_create_from_options(Some(len), &[])?;
     create.create(&ops.output).await?;
     let dst = RawOpen::path(&ops.output).writable(true).open().await?;

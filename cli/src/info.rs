@@ -301,6 +301,7 @@ pub async fn run(args: InfoArgs) -> CmdResult {
     // info of an overlay whose backing file is missing still shows.
     let opts = OpenOptions::new()
         .force_share(args.force_share)
+        .metadata_only(true)
         .no_backing(!args.backing_chain);
     let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let mut chain = vec![(image.clone(), args.filename.clone())];

@@ -435,8 +435,9 @@ pub async fn run(args: IoArgs) -> CmdResult {
     loop {
         // A signal stops the session between commands; what was done is flushed.
         let line = tokio::select! {
-            line = lines.recv() => line,
+            biased;
             _ = crate::signals::stopped() => None,
+            line = lines.recv() => line,
         };
         let Some(line) = line else { break };
         let line = line.map_err(vmimg::Error::from)?;

@@ -148,6 +148,37 @@ pub async fn probe_format(storage: &dyn vmimg::Storage) -> Result<Format, Error>
     Format::probe(storage).await
 }
 
+/// Refuses a target that is one of the files the sources are read from (a source itself
+/// under any name, or a file of a source's backing chain): creating or writing it would
+/// destroy what is being copied. The image locks refuse this too; this check also holds
+/// with `-U` and where the file system has no locks.
+pub fn refuse_aliased_target(dst: &str, names: &[String], sources: &[Image]) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(dst) else {
+        return Ok(());
+    };
+    let id = |m: &std::fs::Metadata| (m.dev(), m.ino());
+    for (name, src) in names.iter().zip(sources) {
+        let mut layer = Some(src.clone());
+        while let Some(img) = layer {
+            let same = img
+                .driver()
+                .storage()
+                .path()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .is_some_and(|m| id(&m) == id(&target));
+            if same {
+                return Err(usage_error(format!(
+                    "'{dst}' is the source image '{name}' or a file of its backing chain: \
+                     converting onto it would destroy it"
+                )));
+            }
+            layer = img.backing();
+        }
+    }
+    Ok(())
+}
+
 /// An error about the command line itself.
 pub fn usage_error(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidArgument, msg)
@@ -189,8 +220,21 @@ fn main() -> ExitCode {
             // The server drains its clients and flushes on signals itself.
             return serve::run(a).await;
         }
-        signals::run_guarded(run_command(cli.cmd)).await
+        // Commands that stop at their next step on a signal (and flush what they wrote).
+        let stops = matches!(
+            cli.cmd,
+            Cmd::Io(_)
+                | Cmd::Convert(_)
+                | Cmd::Commit(_)
+                | Cmd::Rebase(_)
+                | Cmd::Dd(_)
+                | Cmd::Bench(_)
+        );
+        signals::run_guarded(run_command(cli.cmd), stops).await
     });
+    // Whatever still runs on the blocking pool (a command a signal dropped) is not waited
+    // for: its writes are those of a killed process, which the formats survive.
+    rt.shutdown_background();
     match result {
         Ok(status) => ExitCode::from(status),
         Err(e) => {

@@ -3,12 +3,15 @@
 //! the image (as qemu-io keeps its confirmed writes) and a convert target passes `check`.
 //!
 //! ```text
-//!  signal --> stop requested --> the command stops at its next step (io: between
-//!                 |              commands; convert, commit, rebase, dd, bench: between
-//!                 |              chunks, after the jobs in flight) and returns
+//!  signal --> stop requested --> a command that stops by itself (io: between commands;
+//!                 |              convert, commit, rebase, dd, bench: between chunks, after
+//!                 |              the jobs in flight) returns
 //!                 |-- grace period over, or a second signal --> the command is dropped
 //!                 v
 //!          flush every tracked image --> exit 128 + signal number
+//!
+//!  other commands (info, map, check, resize, amend, ...) end at once, as qemu-img does:
+//!  what they change on disk is crash-safe, and they hold no confirmed writes in caches.
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,10 +80,11 @@ async fn flush_tracked() {
     }
 }
 
-/// Runs `command` as a task; on SIGTERM, SIGINT or SIGHUP asks it to stop, waits for it (at
-/// most [`GRACE`], or until a second signal), flushes the tracked images and returns the
-/// exit status 128 + the signal's number.
-pub async fn run_guarded<F>(command: F) -> Result<u8, Error>
+/// Runs `command` as a task; on SIGTERM, SIGINT or SIGHUP asks it to stop and returns the
+/// exit status 128 + the signal's number. A command that `stops` by itself is waited for
+/// (at most [`GRACE`], or until a second signal) and the images it opened for writing are
+/// flushed; any other is dropped at once.
+pub async fn run_guarded<F>(command: F, stops: bool) -> Result<u8, Error>
 where
     F: std::future::Future<Output = Result<u8, Error>> + Send + 'static,
 {
@@ -99,6 +103,10 @@ where
         _ = hup.recv() => libc::SIGHUP,
     };
     request_stop();
+    if !stops {
+        task.abort();
+        return Ok(128 + signo as u8);
+    }
     let finished = tokio::select! {
         r = tokio::time::timeout(GRACE, &mut task) => r.ok(),
         _ = term.recv() => None,

@@ -39,6 +39,16 @@ fn hold(kind: &str, fmt: &str, img: &Path, dir: &Path) -> Holder {
             vmimg_bin(),
             vec!["serve", "-r", "-k", s(&socket), "-f", fmt, s(img)],
         ),
+        // A user that refuses others consistent reads (as QEMU's block jobs do on the
+        // images they commit): QEMU's lock byte 200, held by a small script.
+        "refuses consistent read" => {
+            let script = "import fcntl, struct, sys\n\
+                          f = open(sys.argv[1], 'rb')\n\
+                          fl = struct.pack('hhqqi', fcntl.F_RDLCK, 0, 200, 1, 0)\n\
+                          fcntl.fcntl(f, fcntl.F_OFD_SETLK, fl)\n\
+                          for line in sys.stdin:\n    print('ok', flush=True)\n";
+            return Holder::start("python3".into(), &["-c", script, s(img)], Some("probe"));
+        }
         other => panic!("unknown holder {other}"),
     };
     let h = Holder::start(prog, &args, None);
@@ -124,10 +134,47 @@ fn parity(holder: &str, fmt: &str) {
     qemu_img(["create", "-q", "-f", fmt, s(&img), "16M"]).ok();
     qemu_io(["-f", fmt, "-c", "write -P 0x5a 0 64k", s(&img)]).ok();
     let h = hold(holder, fmt, &img, dir.path());
+    compare_cases(holder, fmt, &img, dir.path());
+    drop(h);
+}
+
+/// Runs every case against the base of a chain while `holder` holds the overlay above it.
+fn parity_below(holder: &str, base_fmt: &str) {
+    let dir = tempdir();
+    let base = dir.path().join(format!("base.{base_fmt}"));
+    let top = dir.path().join("top.qcow2");
+    qemu_img(["create", "-q", "-f", base_fmt, s(&base), "16M"]).ok();
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        base_fmt,
+        s(&top),
+    ])
+    .ok();
+    let h = hold(holder, "qcow2", &top, dir.path());
+    compare_cases(
+        &format!("{holder} (on the overlay)"),
+        base_fmt,
+        &base,
+        dir.path(),
+    );
+    drop(h);
+}
+
+/// Each case by QEMU's tool and by vmimg: the same outcome, the same lock message.
+fn compare_cases(holder: &str, fmt: &str, img: &Path, dir: &Path) {
     let mut report = Vec::new();
     for case in CASES {
-        let q = (case.qemu)(fmt, s(&img), dir.path());
-        let v = (case.vmimg)(fmt, s(&img), dir.path());
+        // vmimg first: a qemu-img create that a lock refuses deletes the file it had
+        // already truncated (vmimg refuses before truncating), and the next create would
+        // make a new file that nobody holds.
+        let v = (case.vmimg)(fmt, s(img), dir);
+        let q = (case.qemu)(fmt, s(img), dir);
         let (ql, vl) = (lock_line(&q.stderr), lock_line(&v.stderr));
         if (q.status == 0) != (v.status == 0) || ql != vl {
             report.push(format!(
@@ -142,7 +189,6 @@ fn parity(holder: &str, fmt: &str) {
             ));
         }
     }
-    drop(h);
     assert!(report.is_empty(), "{}", report.join("\n"));
 }
 
@@ -194,6 +240,21 @@ fn vmimg_serve_exporting_qcow2_excludes_qemu_like_qemu_nbd() {
 #[test]
 fn vmimg_serve_exporting_raw_read_only_excludes_resizes_like_qemu_nbd() {
     parity("vmimg serve -r", "raw");
+}
+
+/// info takes no permission (QEMU's BDRV_O_NO_IO), so it works where reading does not.
+#[test]
+fn a_user_refusing_consistent_reads_stops_readers_but_not_info_like_qemu() {
+    parity("refuses consistent read", "qcow2");
+    parity("refuses consistent read", "raw");
+}
+
+#[test]
+fn backing_files_are_locked_like_qemus_when_a_writer_holds_the_overlay() {
+    parity_below("qemu-io", "qcow2");
+    parity_below("qemu-io", "raw");
+    parity_below("vmimg io", "qcow2");
+    parity_below("vmimg io", "raw");
 }
 
 /// Two `vmimg io` writers: the second is refused, the first keeps writing, and what it
@@ -287,4 +348,29 @@ fn library_lock_modes() {
         assert_eq!(img.size(), 16 << 20);
     });
     drop(h);
+}
+
+/// A create over an image in use is refused before anything is truncated: the holder's
+/// image is left byte for byte. (qemu-img truncates first when only consistent reads are
+/// refused, then deletes the file when its open fails.)
+#[test]
+fn a_refused_create_leaves_the_image_it_would_have_replaced() {
+    let dir = tempdir();
+    let img = dir.path().join("img.qcow2");
+    qemu_img(["create", "-q", "-f", "qcow2", s(&img), "16M"]).ok();
+    qemu_io(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", s(&img)]).ok();
+    let before = std::fs::read(&img).unwrap();
+    for holder in ["qemu-io", "qemu-io -r", "refuses consistent read"] {
+        let h = hold(holder, "qcow2", &img, dir.path());
+        for fmt in ["qcow2", "raw"] {
+            if holder == "refuses consistent read" && fmt == "raw" {
+                // A raw create takes no read permission (as qemu-img's): it would go on.
+                continue;
+            }
+            let r = vmimg(["create", "-f", fmt, s(&img), "1M"]);
+            assert_eq!(r.status, 1, "{holder}, {fmt}: {r:?}");
+            assert!(std::fs::read(&img).unwrap() == before, "{holder}, {fmt}");
+        }
+        drop(h);
+    }
 }

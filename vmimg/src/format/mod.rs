@@ -92,13 +92,20 @@ impl Format {
     ///
     /// Formats that keep metadata in the file (qcow2) never share writing or resizing:
     /// another writer would corrupt it, and a reader would see it change underfoot. With
-    /// `force_share` (QEMU's `-U`, read-only users only) everything is shared.
+    /// `force_share` (QEMU's `-U`, for read-only users only: refused with `writable`)
+    /// everything is shared.
     pub fn permissions(
         self,
         writable: bool,
         shared: Permissions,
         force_share: bool,
-    ) -> (Permissions, Permissions) {
+    ) -> Result<(Permissions, Permissions)> {
+        if force_share && writable {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "force-share=on can only be used with read-only images",
+            ));
+        }
         let mut perm = Permissions::CONSISTENT_READ;
         if writable {
             perm = perm | Permissions::WRITE;
@@ -108,18 +115,18 @@ impl Format {
             Format::Qcow2 => true,
         };
         if force_share {
-            return (perm, Permissions::ALL);
+            return Ok((perm, Permissions::ALL));
         }
         if !owns_metadata {
-            return (perm, shared);
+            return Ok((perm, shared));
         }
         if writable {
             perm = perm | Permissions::RESIZE;
         }
-        (
+        Ok((
             perm,
             shared.without(Permissions::WRITE | Permissions::RESIZE),
-        )
+        ))
     }
 }
 

@@ -68,6 +68,7 @@ pub struct OpenOptions {
     pub(crate) locking: LockMode,
     pub(crate) force_share: bool,
     pub(crate) share: Permissions,
+    pub(crate) metadata_only: bool,
 }
 
 impl Default for OpenOptions {
@@ -88,6 +89,7 @@ impl Default for OpenOptions {
             locking: LockMode::Auto,
             force_share: false,
             share: Permissions::ALL,
+            metadata_only: false,
         }
     }
 }
@@ -139,6 +141,15 @@ impl OpenOptions {
     /// at the risk of reading inconsistent data. Only for read-only opens.
     pub fn force_share(mut self, force_share: bool) -> Self {
         self.force_share = force_share;
+        self
+    }
+
+    /// The handle only looks at metadata (what `info` does, QEMU's `BDRV_O_NO_IO`): it holds
+    /// no permission on the image file, so a process that refuses others consistent reads
+    /// does not keep it out (it still refuses what its format never shares). Data read
+    /// through such a handle may be changing underneath.
+    pub fn metadata_only(mut self, metadata_only: bool) -> Self {
+        self.metadata_only = metadata_only;
         self
     }
 
@@ -364,16 +375,20 @@ fn layer_permissions(
     top: bool,
     writable: bool,
     opts: &OpenOptions,
-) -> (Permissions, Permissions) {
+) -> Result<(Permissions, Permissions)> {
     if top {
-        return format.permissions(writable, opts.share, opts.force_share);
+        let (perm, shared) = format.permissions(writable, opts.share, opts.force_share)?;
+        if opts.metadata_only && !writable {
+            return Ok((Permissions::NONE, shared));
+        }
+        return Ok((perm, shared));
     }
     let shared = if opts.force_share {
         Permissions::ALL
     } else {
         Permissions::ALL.without(Permissions::WRITE | Permissions::RESIZE)
     };
-    (Permissions::CONSISTENT_READ, shared)
+    Ok((Permissions::CONSISTENT_READ, shared))
 }
 
 /// Opens `storage` as an image of `format` (probed when `None`) and, layer by layer, the
@@ -384,12 +399,6 @@ pub(crate) async fn open_chain(
     format: Option<Format>,
     opts: &OpenOptions,
 ) -> Result<Image> {
-    if opts.force_share && opts.writable {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            "force-share=on can only be used with read-only images",
-        ));
-    }
     let mut layers: Vec<Arc<dyn FormatDriver>> = Vec::new();
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut current = Some((storage, format));
@@ -432,7 +441,7 @@ pub(crate) async fn open_chain(
             Some(p) if !top => e.with_path(p),
             _ => e,
         };
-        let (perm, shared) = layer_permissions(format, top, writable, opts);
+        let (perm, shared) = layer_permissions(format, top, writable, opts)?;
         storage.set_permissions(perm, shared).map_err(layer_err)?;
         match format {
             Format::Raw => {

@@ -13,7 +13,7 @@ use super::header::{self, autoclear, compat, incompat, CompressionType, Header};
 use super::l2::COPIED;
 use super::refcount::set_entry;
 use super::types::Geometry;
-use crate::storage::{FileStorageOpen, NewFile, PreallocMode, Storage, StorageExt};
+use crate::storage::{FileStorageOpen, NewFile, Permissions, PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use std::path::PathBuf;
 
@@ -188,7 +188,15 @@ impl Qcow2Create {
         let path = path.into();
         self.validate()?;
         let image = NewFile::new(&path);
-        let file = image.finish(FileStorageOpen::new(&path).create(true).open().await)?;
+        // Locked as the image will be used, before the file is truncated.
+        let (perm, shared) = crate::Format::Qcow2.permissions(true, Permissions::ALL, false)?;
+        let file = image.finish(
+            FileStorageOpen::new(&path)
+                .create(true)
+                .create_permissions(perm, shared)
+                .open()
+                .await,
+        )?;
         let data = match &self.data_file {
             Some(name) => {
                 let resolved = image.finish(file.resolve_name(name))?;

@@ -231,6 +231,8 @@ struct CacheInner {
 pub struct L2Cache {
     inner: Mutex<CacheInner>,
     capacity: usize,
+    /// Bumped by [`L2Cache::invalidate`]: a table read from disk before that is not cached.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for L2Cache {
@@ -249,6 +251,7 @@ impl L2Cache {
         L2Cache {
             inner: Mutex::new(CacheInner::default()),
             capacity: capacity.max(1),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -266,6 +269,15 @@ impl L2Cache {
     /// dirty or still held elsewhere (a pending write commit) are never evicted.
     pub fn insert(&self, offset: u64, table: Arc<L2Table>) -> Arc<L2Table> {
         let mut inner = self.inner.lock().unwrap();
+        self.insert_locked(&mut inner, offset, table)
+    }
+
+    fn insert_locked(
+        &self,
+        inner: &mut CacheInner,
+        offset: u64,
+        table: Arc<L2Table>,
+    ) -> Arc<L2Table> {
         if let Some(&i) = inner.index.get(&offset) {
             inner.slots[i].referenced = true;
             return Arc::clone(&inner.slots[i].table);
@@ -317,17 +329,52 @@ impl L2Cache {
         }
     }
 
+    /// The current generation, to pass to [`L2Cache::insert_read`] for a table about to be
+    /// read from disk.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches a table read from disk, unless the cache was invalidated since `generation`
+    /// was taken (the bytes may be stale then): like [`L2Cache::insert`] otherwise.
+    pub fn insert_read(&self, generation: u64, offset: u64, table: Arc<L2Table>) -> Arc<L2Table> {
+        let mut inner = self.inner.lock().unwrap();
+        if self.generation.load(Ordering::Acquire) != generation {
+            return table;
+        }
+        self.insert_locked(&mut inner, offset, table)
+    }
+
+    /// Forgets every clean table, held elsewhere or not (their holders keep their copies),
+    /// and makes tables read from disk before this call uncacheable: another process
+    /// changed the image.
+    pub fn invalidate(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let keep: Vec<Slot> = std::mem::take(&mut inner.slots)
+            .into_iter()
+            .filter(|s| s.table.is_dirty())
+            .collect();
+        *inner = CacheInner::default();
+        for s in keep {
+            let i = inner.slots.len();
+            inner.index.insert(s.key, i);
+            inner.slots.push(s);
+        }
+    }
+
     /// Whether dirty tables made the cache grow past its capacity (they are only written by
     /// a flush).
     pub fn is_overfull(&self) -> bool {
         self.inner.lock().unwrap().slots.len() > self.capacity
     }
 
-    /// Drops clean tables no one else holds until the cache is back within its capacity
-    /// (after a flush made the tables that overfilled it clean).
+    /// Drops clean tables no one else holds until the cache is at half its capacity
+    /// (after a flush made the tables that overfilled it clean): room for as many new
+    /// tables again before the next flush.
     pub fn trim(&self) {
         let mut inner = self.inner.lock().unwrap();
-        let mut excess = inner.slots.len().saturating_sub(self.capacity);
+        let mut excess = inner.slots.len().saturating_sub(self.capacity / 2);
         if excess == 0 {
             return;
         }
@@ -341,21 +388,6 @@ impl L2Cache {
                 }
                 true
             })
-            .collect();
-        *inner = CacheInner::default();
-        for s in keep {
-            let i = inner.slots.len();
-            inner.index.insert(s.key, i);
-            inner.slots.push(s);
-        }
-    }
-
-    /// Drops every clean cached table no one else holds.
-    pub fn clear(&self) {
-        let mut inner = self.inner.lock().unwrap();
-        let keep: Vec<Slot> = std::mem::take(&mut inner.slots)
-            .into_iter()
-            .filter(|s| s.table.is_dirty() || Arc::strong_count(&s.table) > 1)
             .collect();
         *inner = CacheInner::default();
         for s in keep {
@@ -464,7 +496,7 @@ mod tests {
             1,
             "exactly one of the old tables was evicted"
         );
-        c.clear();
+        c.invalidate();
         assert_eq!(c.len(), 0);
     }
 
@@ -507,10 +539,30 @@ mod tests {
         let still_dirty = others.pop().unwrap();
         drop(others);
         c.trim();
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.len(), 2, "the dirty and the held table stay");
         assert!(!c.is_overfull());
         assert!(c.get(0).is_some() && c.get(5).is_some());
         drop((held, still_dirty));
+    }
+
+    /// `invalidate` forgets clean tables even while someone holds them, and a table read
+    /// from disk before it is not cached after it (its bytes may be stale).
+    #[test]
+    fn invalidate_forgets_held_tables_and_refuses_stale_reads() {
+        let c = L2Cache::new(4);
+        let held = c.insert(1, Arc::new(L2Table::from_bytes(&[0u8; 16], false)));
+        let before = c.generation();
+        c.invalidate();
+        assert!(c.get(1).is_none());
+        let stale = c.insert_read(before, 2, Arc::new(L2Table::from_bytes(&[0u8; 16], false)));
+        assert!(c.get(2).is_none());
+        let fresh = c.insert_read(
+            c.generation(),
+            2,
+            Arc::new(L2Table::from_bytes(&[0u8; 16], false)),
+        );
+        assert!(c.get(2).is_some_and(|t| Arc::ptr_eq(&t, &fresh)));
+        drop((held, stale));
     }
 
     /// Regression: a table held for a pending commit was evicted, losing the commit.

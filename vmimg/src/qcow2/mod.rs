@@ -344,11 +344,13 @@ impl Qcow2Driver {
             ));
         }
         let loaded = load(self.file.as_ref(), header.clone(), self.snapshot.as_deref()).await?;
-        self.cache.clear();
-        self.decompressed.lock().unwrap().clear();
+        // The new L1 first, then the cache: a read that found a table through the old L1
+        // and reads it from disk meanwhile does not cache it.
         *self.l1.write().unwrap() = loaded.l1;
         self.size.store(loaded.size, Ordering::Release);
         *self.tables.write().unwrap() = Arc::new(loaded.tables);
+        self.cache.invalidate();
+        self.decompressed.lock().unwrap().clear();
         if self.writable {
             meta.reset(header);
         }
@@ -359,13 +361,14 @@ impl Qcow2Driver {
         if let Some(t) = self.cache.get(offset) {
             return Ok(t);
         }
+        let generation = self.cache.generation();
         let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
         self.file
             .read_at(offset, &mut bytes)
             .await
             .map_err(|e| e.with_operation("read L2 table"))?;
         let table = Arc::new(L2Table::from_bytes(&bytes, self.geometry.extended_l2()));
-        Ok(self.cache.insert(offset, table))
+        Ok(self.cache.insert_read(generation, offset, table))
     }
 
     fn entry_error(&self, e: EntryError, l2_offset: u64, index: usize) -> Error {

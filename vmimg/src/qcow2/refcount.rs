@@ -256,11 +256,15 @@ impl Refcounts {
             if value == 0 {
                 return Ok(None);
             }
+            // Space first: nothing after a table move may fail for want of it (the move
+            // would be lost to the caller).
+            self.reserve_block_home(file, index, cluster..cluster + 1)
+                .await?;
             if index as usize >= self.reftable.len() {
                 moved = Some(self.grow_reftable(file, index + 1, cluster + 1).await?);
             }
             if self.block_offset(index)?.is_none() {
-                self.create_block(file, index, cluster..cluster + 1).await?;
+                self.create_block(index, cluster..cluster + 1);
             }
         }
         self.set_existing(file, cluster, value).await?;
@@ -301,27 +305,39 @@ impl Refcounts {
         }
     }
 
-    /// Creates the refcount block of table index `index` inside its own range (so it counts
-    /// itself), on a cluster outside `avoid`. Every cluster of a range without a block has
-    /// refcount 0, so any of them is free. The block is written later (at a flush): its
-    /// space is taken on the medium first, so that a full disk fails this allocation rather
-    /// than that flush.
-    async fn create_block(
-        &mut self,
+    /// The cluster a new refcount block for table index `index` lives on: the first of its
+    /// own range outside `avoid` (every cluster of a range without a block has refcount 0,
+    /// so any of them is free).
+    fn block_home(&self, index: u64, avoid: &std::ops::Range<u64>) -> u64 {
+        let first = index * self.entries_per_block();
+        (first..first + self.entries_per_block())
+            .find(|c| !avoid.contains(c))
+            .expect("allocation runs never cover a whole refcount block range")
+    }
+
+    /// Takes the space of the block [`Refcounts::create_block`] would make for `index` on
+    /// the medium. The block is written later (at a flush): a full disk must fail the
+    /// allocation that needs it, not that flush.
+    async fn reserve_block_home(
+        &self,
         file: &dyn Storage,
         index: u64,
         avoid: std::ops::Range<u64>,
     ) -> Result<()> {
-        let epb = self.entries_per_block();
-        let first = index * epb;
-        let home = (first..first + epb)
-            .find(|c| !avoid.contains(c))
-            .expect("allocation runs never cover a whole refcount block range");
+        let home = self.block_home(index, &avoid);
         file.allocate(
             home << self.geometry.cluster_bits(),
             self.geometry.cluster_size(),
         )
-        .await?;
+        .await
+    }
+
+    /// Creates the refcount block of table index `index` inside its own range (so it counts
+    /// itself), on a cluster outside `avoid` (whose space the caller reserved with
+    /// [`Refcounts::reserve_block_home`]).
+    fn create_block(&mut self, index: u64, avoid: std::ops::Range<u64>) {
+        let first = index * self.entries_per_block();
+        let home = self.block_home(index, &avoid);
         let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
         set_entry(&mut bytes, self.order, home - first, 1);
         let home_offset = home << self.geometry.cluster_bits();
@@ -330,7 +346,6 @@ impl Refcounts {
         self.reftable[index as usize] = home_offset;
         self.reftable_used = self.reftable_used.max(index as usize + 1);
         self.reftable_dirty = true;
-        Ok(())
     }
 
     /// Longest run the allocator hands out at once (half a refcount block's range, so a new
@@ -362,12 +377,19 @@ impl Refcounts {
         }
         let mut moved = None;
         let last = (start + n - 1) / epb;
+        // Space first: nothing after a table move may fail for want of it.
+        for index in start / epb..=last {
+            if self.block_offset(index)?.is_none() {
+                self.reserve_block_home(file, index, start..start + n)
+                    .await?;
+            }
+        }
         if last as usize >= self.reftable.len() {
             moved = Some(self.grow_reftable(file, last + 1, start + n).await?);
         }
         for index in start / epb..=last {
             if self.block_offset(index)?.is_none() {
-                self.create_block(file, index, start..start + n).await?;
+                self.create_block(index, start..start + n);
             }
         }
         for c in start..start + n {
@@ -423,6 +445,8 @@ impl Refcounts {
             clusters = (entries * 8).div_ceil(cs);
         }
         let end = start + clusters + new_blocks.len() as u64;
+        // The region's space first, before anything changes: a full disk fails here.
+        file.allocate(start << bits, (end - start) * cs).await?;
         let mut table = self.reftable.clone();
         table.resize((clusters * cs / 8) as usize, 0);
         for (k, &index) in new_blocks.iter().enumerate() {
@@ -438,14 +462,27 @@ impl Refcounts {
         }
         self.reftable_used = used_len(&table);
         let old = std::mem::replace(&mut self.reftable, table);
-        for c in start..end {
-            self.set_existing(file, c, 1).await?;
+        let written: Result<()> = async {
+            for c in start..end {
+                self.set_existing(file, c, 1).await?;
+            }
+            // Blocks first, then the table, then make both durable before the header moves.
+            self.write_dirty_blocks(file, true).await?;
+            let raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+            file.write_at(start << bits, &raw).await?;
+            file.sync().await
         }
-        // Blocks first, then the table, then make both durable before the header moves.
-        self.write_dirty_blocks(file, true).await?;
-        let raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
-        file.write_at(start << bits, &raw).await?;
-        file.sync().await?;
+        .await;
+        if let Err(e) = written {
+            // The old table stays in charge (clusters of the region it counts stay counted:
+            // leaks at worst); the new blocks are forgotten.
+            self.reftable = old;
+            self.reftable_used = used_len(&self.reftable);
+            for k in 0..new_blocks.len() as u64 {
+                self.blocks.remove(&((start + clusters + k) << bits));
+            }
+            return Err(e);
+        }
         drop(old);
         self.old_table = Some((self.reftable_offset, self.reftable_clusters));
         self.reftable_offset = start << bits;
@@ -843,6 +880,59 @@ mod tests {
             assert_eq!(again.get(&file, b).await.unwrap(), 1, "block cluster {b}");
             assert!(!used.contains(&b), "block cluster {b} was also handed out");
         }
+    }
+
+    /// A refcount-table move that fails halfway (a full disk, an I/O error while writing
+    /// the new table) leaves the old table in charge, and the next allocation moves it
+    /// cleanly. Before, the new table stayed in memory with the old offset, and every later
+    /// flush failed (or wrote the larger table over what followed the old one).
+    #[tokio::test]
+    async fn a_failed_table_move_leaves_the_old_table_in_charge() {
+        use crate::storage::{FaultKind, FaultOp, FaultStorage};
+        // Find the allocation that moves the table (512-byte clusters, 64-bit refcounts).
+        let (mem, mut r) = fresh(6, 9).await;
+        let mut k = 0;
+        while r.alloc(&mem, 16).await.unwrap().1.is_none() {
+            k += 1;
+        }
+        let file = FaultStorage::from_bytes(&mem_bytes_at_start(9, 6).await);
+        let g = Geometry::new(9, false);
+        let mut r = Refcounts::load(&file, g, 6, 512, 1).await.unwrap();
+        let mut allocated = Vec::new();
+        for _ in 0..k {
+            allocated.push(r.alloc(&file, 16).await.unwrap().0);
+        }
+        let before = (r.reftable_location(), r.reftable.len());
+        file.fail_nth(FaultOp::Write, 1, FaultKind::NoSpace);
+        assert!(r.alloc(&file, 16).await.is_err());
+        assert_eq!((r.reftable_location(), r.reftable.len()), before);
+        // Flushing the old state works, and the next allocation moves the table.
+        r.flush(&file, true).await.unwrap();
+        let (c, m) = r.alloc(&file, 16).await.unwrap();
+        assert!(m.is_some(), "the retried allocation did not move the table");
+        allocated.push(c);
+        r.release_old_table(&file).await.unwrap();
+        r.flush(&file, true).await.unwrap();
+        let (off, clusters) = r.reftable_location();
+        let mut again = Refcounts::load(&file, g, 6, off, clusters as u32)
+            .await
+            .unwrap();
+        for &c in &allocated {
+            for i in 0..16 {
+                assert_eq!(
+                    again.get(&file, c + i).await.unwrap(),
+                    1,
+                    "cluster {}",
+                    c + i
+                );
+            }
+        }
+    }
+
+    /// The bytes [`fresh`] starts from.
+    async fn mem_bytes_at_start(cluster_bits: u32, order: u32) -> Vec<u8> {
+        let (file, _) = fresh(order, cluster_bits).await;
+        file.to_vec()
     }
 
     #[tokio::test]

@@ -45,6 +45,8 @@ pub struct FileStorageOpen {
     no_sync: bool,
     inline_io: bool,
     locking: LockMode,
+    /// What [`FileStorageOpen::create`] locks before truncating.
+    create_permissions: (Permissions, Permissions),
 }
 
 impl FileStorageOpen {
@@ -58,6 +60,10 @@ impl FileStorageOpen {
             no_sync: false,
             inline_io: false,
             locking: LockMode::Auto,
+            create_permissions: (
+                Permissions::WRITE | Permissions::RESIZE,
+                Permissions::ALL.without(Permissions::RESIZE),
+            ),
         }
     }
 
@@ -109,6 +115,14 @@ impl FileStorageOpen {
         if create {
             self.writable = true;
         }
+        self
+    }
+
+    /// What [`FileStorageOpen::create`] holds and shares (and checks) before truncating,
+    /// instead of writing and resizing: a format that opens its new image at once asks for
+    /// what that open will need, so that a conflict is found before anything is lost.
+    pub fn create_permissions(mut self, perm: Permissions, shared: Permissions) -> Self {
+        self.create_permissions = (perm, shared);
         self
     }
 
@@ -179,10 +193,8 @@ impl FileStorageOpen {
             locks: FileLocks::new(self.locking),
         };
         if self.create {
-            storage.set_permissions(
-                Permissions::WRITE | Permissions::RESIZE,
-                Permissions::ALL.without(Permissions::RESIZE),
-            )?;
+            let (perm, shared) = self.create_permissions;
+            storage.set_permissions(perm, shared)?;
             if !block_device {
                 storage.file.set_len(0)?;
             }
