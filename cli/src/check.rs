@@ -13,8 +13,8 @@ use crate::info::{print_json, OutputFormat};
 use crate::CmdResult;
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
-use vmimg::qcow2::check::{check, CheckReport, Repair};
-use vmimg::{FileStorageOpen, Format, Permissions, Storage};
+use vmimg::format::{CheckReport, Repair};
+use vmimg::{ErrorKind, FileStorageOpen, Format, Permissions, Storage};
 
 /// Exit status for images whose format has no check (qemu-img's).
 const NOT_SUPPORTED: u8 = 63;
@@ -65,17 +65,20 @@ pub async fn run(args: CheckArgs) -> CmdResult {
         Some(f) => Format::from_name(f)?,
         None => crate::probe_format(&storage).await?,
     };
-    if format != Format::Qcow2 {
-        eprintln!("vmimg: This image format does not support checks");
-        return Ok(NOT_SUPPORTED);
-    }
     let (perm, shared) = format.permissions(writable, Permissions::ALL, args.force_share)?;
     storage
         .set_permissions(perm, shared)
         .map_err(|e| e.with_operation("open"))?;
     let human = args.output == OutputFormat::Human && !args.quiet;
 
-    let first = check(&storage, repair).await?;
+    let entry = format.entry();
+    let first = match entry.check(&storage, repair).await {
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            eprintln!("vmimg: {e}");
+            return Ok(NOT_SUPPORTED);
+        }
+        r => r?,
+    };
     if let Some(status) = messages_and_failure(&first) {
         return Ok(status);
     }
@@ -88,7 +91,7 @@ pub async fn run(args: CheckArgs) -> CmdResult {
                 report.leaks_fixed, report.corruptions_fixed
             );
         }
-        let second = check(&storage, Repair::None).await?;
+        let second = entry.check(&storage, Repair::None).await?;
         if let Some(status) = messages_and_failure(&second) {
             return Ok(status);
         }
@@ -102,7 +105,7 @@ pub async fn run(args: CheckArgs) -> CmdResult {
     if !args.quiet {
         match args.output {
             OutputFormat::Human => print!("{}", human_report(&report)),
-            OutputFormat::Json => print_json(&json_report(&args.filename, &report)),
+            OutputFormat::Json => print_json(&json_report(&args.filename, format, &report)),
         }
     }
     if report.check_errors > 0 {
@@ -181,8 +184,8 @@ pub fn human_report(r: &CheckReport) -> String {
 /// The JSON report: QAPI's `ImageCheck`. Optional members appear only when non-zero, and the
 /// keys come in the order qemu-img prints them, which is the bucket order of QEMU's QDict
 /// hash table (`tdb_hash(key) % 512`), not the schema order.
-pub fn json_report(filename: &str, r: &CheckReport) -> Value {
-    let format = Format::Qcow2.name();
+pub fn json_report(filename: &str, format: Format, r: &CheckReport) -> Value {
+    let format = format.name();
     let members: [(&str, Option<Value>); 12] = [
         ("image-end-offset", optional(r.image_end_offset)),
         ("compressed-clusters", optional(r.compressed_clusters)),

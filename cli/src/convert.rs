@@ -1,6 +1,5 @@
 //! `vmimg convert`: mapping-driven, parallel copy that keeps holes.
 
-use crate::create::{parse_options, qcow2_plan, raw_create_from_options};
 use crate::progress::{self, Progress};
 use crate::size::parse_size;
 use crate::{cache_mode, open_image_with, usage_error, CmdResult};
@@ -9,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use vmimg::format::parse_option_list;
 use vmimg::io_buf::is_zero;
-use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions, Permissions};
+use vmimg::{Error, ErrorKind, Image, ImageOpen, OpenOptions, Permissions};
 
 /// Size of one copy job.
 const CHUNK: u64 = 2 << 20;
@@ -374,8 +374,12 @@ fn joined(r: Result<Result<u64, Error>, tokio::task::JoinError>) -> Result<u64, 
 
 pub async fn run(args: ConvertArgs) -> CmdResult {
     let (dst_name, src_names) = args.files.split_last().expect("clap requires two files");
-    let out_format = Format::from_name(&args.out_format)?;
-    if args.compress && out_format != Format::Qcow2 {
+    let out_format = crate::create::output_format(&args.out_format)?;
+    if crate::create::wants_help(&args.options) {
+        crate::create::print_help(out_format);
+        return Ok(0);
+    }
+    if args.compress && !out_format.entry().compressed_writes() {
         return Err(Error::new(
             ErrorKind::Unsupported,
             "Compression not supported for this file format",
@@ -415,17 +419,17 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     }
 
     crate::refuse_aliased_target(dst_name, src_names, &sources)?;
-    let mut opts = parse_options(&args.options)?;
+    let mut items = parse_option_list(&args.options)?;
     // `-o backing_file=..,backing_fmt=..` is `-B`/`-F` (the output holds only what differs
     // from its backing file), as in qemu-img.
     let mut backing = args.backing.clone();
     let mut backing_format = args.backing_format.clone();
-    for (k, v) in std::mem::take(&mut opts) {
+    for (k, v) in std::mem::take(&mut items) {
         let slot = match k.as_str() {
             "backing_file" => &mut backing,
             "backing_fmt" => &mut backing_format,
             _ => {
-                opts.push((k, v));
+                items.push((k, v));
                 continue;
             }
         };
@@ -436,7 +440,11 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
         }
         *slot = Some(v);
     }
-    if args.compress && opts.iter().any(|(k, v)| k == "preallocation" && v != "off") {
+    if args.compress
+        && items
+            .iter()
+            .any(|(k, v)| k == "preallocation" && v != "off")
+    {
         return Err(usage_error(
             "Compression and preallocation not supported at the same time",
         ));
@@ -446,30 +454,23 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
             "Use of backing file requires explicit backing format",
         ));
     }
-    if let Some(b) = &backing {
-        if out_format != Format::Qcow2 {
-            return Err(usage_error(
-                "-B needs an output format with backing files (qcow2)",
-            ));
-        }
-        opts.push(("backing_file".into(), b.clone()));
-        if let Some(f) = &backing_format {
-            opts.push(("backing_fmt".into(), f.clone()));
-        }
-    }
     let diff_only = backing.is_some();
     if !args.no_create {
-        match out_format {
-            Format::Qcow2 => {
-                let plan = qcow2_plan(Some(total), &opts, dst_name, false).await?;
-                plan.create.create(dst_name).await
-            }
-            _ => {
-                let (create, _, _) = raw_create_from_options(Some(total), &opts)?;
-                create.create(dst_name).await
-            }
-        }
-        .map_err(|e| e.with_operation("create"))?;
+        let plan = crate::create::plan(
+            out_format,
+            &items,
+            crate::create::CreateArgsCommon {
+                filename: dst_name,
+                size: Some(total),
+                backing: backing.as_deref(),
+                backing_format: backing_format.as_deref(),
+                unsafe_backing: false,
+            },
+        )
+        .await?;
+        plan.create(dst_name)
+            .await
+            .map_err(|e| e.with_operation("create"))?;
     }
     let dst = ImageOpen::path(dst_name)
         .options(dst_opts)

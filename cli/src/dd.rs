@@ -1,10 +1,9 @@
 //! `vmimg dd`: copy with dd-style operands (`if= of= bs= count= skip=`), like qemu-img dd.
 
-use crate::create::raw_create_from_options;
 use crate::size::parse_size;
 use crate::{open_image_with, usage_error, CmdResult};
 use clap::Args;
-use vmimg::{Error, ErrorKind, Format, OpenOptions, RawOpen};
+use vmimg::{Error, ImageOpen, OpenOptions};
 
 #[derive(Args, Debug)]
 pub struct DdArgs {
@@ -61,12 +60,7 @@ fn parse_operands(ops: &[String]) -> Result<Operands, Error> {
 
 pub async fn run(args: DdArgs) -> CmdResult {
     let ops = parse_operands(&args.operands)?;
-    if Format::from_name(&args.out_format)? != Format::Raw {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("dd to {} is not supported yet", args.out_format),
-        ));
-    }
+    let out_format = crate::create::output_format(&args.out_format)?;
     let opts = OpenOptions::new().force_share(args.force_share);
     let src = open_image_with(&ops.input, args.format.as_deref(), opts).await?;
     // As qemu-img dd counts it: `count` blocks from the start of the input, of which the
@@ -87,9 +81,25 @@ pub async fn run(args: DdArgs) -> CmdResult {
         std::slice::from_ref(&ops.input),
         std::slice::from_ref(&src),
     )?;
-    let (create, _, _) = raw_create_from_options(Some(len), &[])?;
-    create.create(&ops.output).await?;
-    let dst = RawOpen::path(&ops.output).writable(true).open().await?;
+    // Any output format the registry can create, as qemu-img dd.
+    let plan = crate::create::plan(
+        out_format,
+        &[],
+        crate::create::CreateArgsCommon {
+            filename: &ops.output,
+            size: Some(len),
+            backing: None,
+            backing_format: None,
+            unsafe_backing: false,
+        },
+    )
+    .await?;
+    plan.create(&ops.output).await?;
+    let dst = ImageOpen::path(&ops.output)
+        .format(out_format)
+        .writable(true)
+        .open()
+        .await?;
     crate::signals::track(&dst);
     let chunk = ops.bs.max(1 << 20).min(len.max(1));
     let mut buf = vec![0u8; chunk as usize];

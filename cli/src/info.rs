@@ -4,7 +4,7 @@ use crate::size::human_size;
 use crate::{open_image_with, CmdResult};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
-use vmimg::format::{FormatSpecific, Qcow2Specific, SnapshotInfo};
+use vmimg::format::{InfoValue, SnapshotInfo};
 use vmimg::{Image, OpenOptions};
 
 /// Output style of `info` and friends.
@@ -45,34 +45,20 @@ pub fn print_json(value: &Value) {
     println!("{}", String::from_utf8_lossy(&out));
 }
 
-fn qcow2_json(q: &Qcow2Specific) -> Value {
-    let mut m = Map::new();
-    m.insert("compat".into(), json!(q.compat));
-    m.insert("compression-type".into(), json!(q.compression_type));
-    let v3 = q.compat != "0.10";
-    if v3 {
-        m.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
+/// A format-specific value as JSON.
+fn info_value_json(v: &InfoValue) -> Value {
+    match v {
+        InfoValue::Bool(b) => json!(b),
+        InfoValue::Int(n) => json!(n),
+        InfoValue::Str(s) => json!(s),
+        InfoValue::List(items) => Value::Array(items.iter().map(info_value_json).collect()),
+        InfoValue::Map(entries) => Value::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.clone(), info_value_json(v)))
+                .collect(),
+        ),
     }
-    if !q.bitmaps.is_empty() {
-        let list: Vec<Value> = q
-            .bitmaps
-            .iter()
-            .map(|b| json!({"flags": b.flags, "name": b.name, "granularity": b.granularity}))
-            .collect();
-        m.insert("bitmaps".into(), Value::Array(list));
-    }
-    m.insert("refcount-bits".into(), json!(q.refcount_bits));
-    if let Some(d) = &q.data_file {
-        m.insert("data-file".into(), json!(d));
-    }
-    if let Some(raw) = q.data_file_raw {
-        m.insert("data-file-raw".into(), json!(raw));
-    }
-    if v3 {
-        m.insert("corrupt".into(), json!(q.corrupt));
-        m.insert("extended-l2".into(), json!(q.extended_l2));
-    }
-    Value::Object(m)
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> Value {
@@ -142,10 +128,15 @@ pub fn info_json(image: &Image, filename: &str) -> Value {
     }
     m.insert("format".into(), json!(image.format().name()));
     m.insert("actual-size".into(), json!(actual));
-    if let Some(FormatSpecific::Qcow2(q)) = &desc.format_specific {
+    if let Some(f) = &desc.format_specific {
+        let data: Map<String, Value> = f
+            .data
+            .iter()
+            .map(|(k, v)| (k.clone(), info_value_json(v)))
+            .collect();
         m.insert(
             "format-specific".into(),
-            json!({"type": "qcow2", "data": qcow2_json(q)}),
+            json!({"type": f.kind, "data": Value::Object(data)}),
         );
     }
     if let Some(b) = &desc.full_backing_filename {
@@ -213,43 +204,6 @@ pub fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
     s
 }
 
-fn qcow2_human(q: &Qcow2Specific) -> String {
-    let mut s = String::from("Format specific information:\n");
-    s += &format!("    compat: {}\n", q.compat);
-    s += &format!("    compression type: {}\n", q.compression_type);
-    let v3 = q.compat != "0.10";
-    if v3 {
-        s += &format!("    lazy refcounts: {}\n", q.lazy_refcounts);
-    }
-    if !q.bitmaps.is_empty() {
-        s += "    bitmaps:\n";
-        for (i, b) in q.bitmaps.iter().enumerate() {
-            s += &format!("        [{i}]:\n            flags:\n");
-            for (j, f) in b.flags.iter().enumerate() {
-                s += &format!("                [{j}]: {f}\n");
-            }
-            s += &format!(
-                "            name: {}\n            granularity: {}\n",
-                b.name, b.granularity
-            );
-        }
-    }
-    s += &format!("    refcount bits: {}\n", q.refcount_bits);
-    if let Some(d) = &q.data_file {
-        s += &format!("    data file: {d}\n");
-    }
-    if let Some(raw) = q.data_file_raw {
-        s += &format!("    data file raw: {raw}\n");
-    }
-    if v3 {
-        s += &format!(
-            "    corrupt: {}\n    extended l2: {}\n",
-            q.corrupt, q.extended_l2
-        );
-    }
-    s
-}
-
 /// qemu-img info's text for one image.
 pub fn info_human(image: &Image, filename: &str) -> String {
     let desc = image.describe();
@@ -285,8 +239,9 @@ pub fn info_human(image: &Image, filename: &str) -> String {
         s += "Snapshot list:\n";
         s += &snapshot_table(&desc.snapshots);
     }
-    if let Some(FormatSpecific::Qcow2(q)) = &desc.format_specific {
-        s += &qcow2_human(q);
+    if let Some(f) = &desc.format_specific {
+        s += "Format specific information:\n";
+        s += &f.human(4);
     }
     s += &format!(
         "Child node '/file':\n    filename: {filename}\n    protocol type: {}\n    file length: {} ({file_len} bytes)\n    disk size: {disk}",

@@ -121,7 +121,7 @@ pub async fn open_image_with(
         open = open.format(Format::from_name(f)?);
     }
     let image = open.open().await?;
-    if format.is_none() && image.format() == Format::Raw && image.is_writable() {
+    if format.is_none() && image.format() == Format::RAW && image.is_writable() {
         warn_probed_raw(path);
     }
     signals::track(&image);

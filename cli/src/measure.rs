@@ -1,13 +1,12 @@
 //! `vmimg measure`: the file size a conversion would need, with qemu-img measure's numbers.
 
-use crate::create::{parse_options, parse_prealloc};
 use crate::info::{print_json, OutputFormat};
 use crate::size::parse_size;
 use crate::{open_image_with, usage_error, CmdResult};
 use clap::Args;
 use serde_json::{Map, Value};
-use vmimg::format::FormatSpecific;
-use vmimg::{Format, OpenOptions, PreallocMode};
+use vmimg::format::{parse_option_list, FormatOptions, MeasureSource};
+use vmimg::OpenOptions;
 
 #[derive(Args, Debug)]
 pub struct MeasureArgs {
@@ -37,71 +36,19 @@ pub struct MeasureArgs {
     filename: Option<String>,
 }
 
-/// Refcount table and block bytes for `clusters` clusters (the table and blocks count
-/// themselves), as QEMU computes them.
-pub fn refcount_metadata_size(clusters: u64, cs: u64, refcount_bits: u64) -> u64 {
-    let per_table_cluster = cs / 8;
-    let per_block = cs * 8 / refcount_bits;
-    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(per_block);
-        table = blocks.div_ceil(per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last {
-            return (blocks + table) * cs;
-        }
-    }
-}
-
-/// Bytes of a fully preallocated qcow2 image of `size` bytes (metadata and data).
-pub fn qcow2_full_size(size: u64, cs: u64, refcount_bits: u64, extended_l2: bool) -> u64 {
-    let aligned = size.div_ceil(cs) * cs;
-    let entry = if extended_l2 { 16 } else { 8 };
-    let mut meta = cs;
-    let l2_entries = (aligned / cs).div_ceil(cs / entry) * (cs / entry);
-    meta += l2_entries * entry;
-    let l1_entries = (l2_entries * entry / cs).div_ceil(cs / 8) * (cs / 8);
-    meta += l1_entries * 8;
-    meta += refcount_metadata_size((meta + aligned) / cs, cs, refcount_bits);
-    meta + aligned
-}
-
 pub async fn run(args: MeasureArgs) -> CmdResult {
-    let out = Format::from_name(&args.out_format)?;
-    let opts = parse_options(&args.options)?;
-    let get = |k: &str| {
-        opts.iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-    };
-    let cs = get("cluster_size")
-        .map(parse_size)
-        .transpose()
-        .map_err(usage_error)?
-        .unwrap_or(65536);
-    let refcount_bits: u64 = get("refcount_bits")
-        .map(|v| {
-            v.parse()
-                .map_err(|_| usage_error(format!("Invalid refcount_bits '{v}'")))
-        })
-        .transpose()?
-        .unwrap_or(16);
-    let extended_l2 = get("extended_l2") == Some("on");
-    let v2 = get("compat") == Some("0.10");
-    let prealloc = get("preallocation")
-        .map(parse_prealloc)
-        .transpose()?
-        .unwrap_or_default();
-    if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-        return Err(usage_error(
-            "Cluster size must be a power of two between 512 and 2048k",
-        ));
-    }
+    let out = crate::create::output_format(&args.out_format)?;
+    let entry = out.entry();
+    let items = parse_option_list(&args.options)?;
+    let opts = FormatOptions::parse(entry.create_options(), &items)?;
+    let unit = entry.measure_unit(&opts)?;
 
     // Size and allocated data of the source.
-    let (size, data, bitmaps) = match (&args.size, &args.filename) {
-        (Some(s), None) => (parse_size(s).map_err(usage_error)?, 0, None),
+    let source = match (&args.size, &args.filename) {
+        (Some(s), None) => MeasureSource {
+            size: parse_size(s).map_err(usage_error)?,
+            ..MeasureSource::default()
+        },
         (None, Some(f)) => {
             let mut o = OpenOptions::new().force_share(args.force_share);
             if let Some(p) = &args.snapshot {
@@ -109,43 +56,31 @@ pub async fn run(args: MeasureArgs) -> CmdResult {
             }
             let img = open_image_with(f, args.format.as_deref(), o).await?;
             let size = img.size();
-            let unit = if out == Format::Qcow2 { cs } else { 512 };
             let mut data = 0u64;
             let mut off = 0u64;
             while off < size {
                 let st = img.block_status(off, size - off).await?;
                 let mut len = st.len;
                 if !st.zero() {
-                    // Count whole output clusters, each once.
+                    // Count whole output units, each once.
                     let end = (off + len).div_ceil(unit) * unit;
                     data += end - off / unit * unit;
                     len = end.min(size) - off;
                 }
                 off += len;
             }
-            let bitmaps = match img.describe().format_specific {
-                Some(FormatSpecific::Qcow2(q)) => Some(
-                    q.bitmaps
-                        .iter()
-                        .map(|b| {
-                            let bits = size.div_ceil(b.granularity.max(1));
-                            let data_clusters = bits.div_ceil(8).div_ceil(cs);
-                            let table_clusters = (data_clusters * 8).div_ceil(cs);
-                            (data_clusters + table_clusters) * cs
-                        })
-                        .sum::<u64>()
-                        + {
-                            let dir: u64 = q
-                                .bitmaps
-                                .iter()
-                                .map(|b| (24 + b.name.len() as u64).div_ceil(8) * 8)
-                                .sum();
-                            dir.div_ceil(cs) * cs
-                        },
-                ),
-                _ => None,
-            };
-            (size, data, bitmaps)
+            let bitmaps = img.format().entry().persistent_bitmaps().then(|| {
+                img.describe()
+                    .bitmaps
+                    .into_iter()
+                    .map(|b| (b.granularity, b.name))
+                    .collect()
+            });
+            MeasureSource {
+                size,
+                data,
+                bitmaps,
+            }
         }
         _ => {
             return Err(usage_error(
@@ -153,59 +88,26 @@ pub async fn run(args: MeasureArgs) -> CmdResult {
             ))
         }
     };
-
-    let (required, full) = match out {
-        Format::Qcow2 => {
-            let virtual_size = size.div_ceil(cs) * cs;
-            let full = qcow2_full_size(size, cs, refcount_bits, extended_l2);
-            let data = match prealloc {
-                PreallocMode::Full | PreallocMode::Falloc => virtual_size,
-                _ => data,
-            };
-            (full - virtual_size + data, full)
-        }
-        _ => {
-            let s = size.div_ceil(512) * 512;
-            (s, s)
-        }
-    };
-    let bitmaps = if out == Format::Qcow2 && !v2 {
-        bitmaps
-    } else {
-        None
-    };
+    let m = entry.measure(&opts, &source)?;
     match args.output {
         OutputFormat::Json => {
-            let mut m = Map::new();
-            if let Some(b) = bitmaps {
-                m.insert("bitmaps".into(), Value::from(b));
+            let mut map = Map::new();
+            if let Some(b) = m.bitmaps {
+                map.insert("bitmaps".into(), Value::from(b));
             }
-            m.insert("required".into(), Value::from(required));
-            m.insert("fully-allocated".into(), Value::from(full));
-            print_json(&Value::Object(m));
+            map.insert("required".into(), Value::from(m.required));
+            map.insert("fully-allocated".into(), Value::from(m.fully_allocated));
+            print_json(&Value::Object(map));
         }
         OutputFormat::Human => {
-            println!("required size: {required}\nfully allocated size: {full}");
-            if let Some(b) = bitmaps {
+            println!(
+                "required size: {}\nfully allocated size: {}",
+                m.required, m.fully_allocated
+            );
+            if let Some(b) = m.bitmaps {
                 println!("bitmaps size: {b}");
             }
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn full_size_matches_qemu_img_measure() {
-        assert_eq!(qcow2_full_size(10 << 30, 65536, 16, false), 10_739_318_784);
-        assert_eq!(qcow2_full_size(10 << 30, 512, 16, false), 10_951_259_648);
-        assert_eq!(
-            qcow2_full_size(10 << 30, 2 << 20, 64, false),
-            10_747_904_000
-        );
-        assert_eq!(qcow2_full_size(10 << 30, 65536, 16, true), 10_740_629_504);
-    }
 }

@@ -332,7 +332,7 @@ fn library_lock_modes() {
         .unwrap();
     rt.block_on(async {
         for mode in [None, Some(LockMode::Auto), Some(LockMode::On)] {
-            let mut open = ImageOpen::path(&img).format(Format::Qcow2);
+            let mut open = ImageOpen::path(&img).format(Format::QCOW2);
             if let Some(m) = mode {
                 open = open.locking(m);
             }
@@ -340,7 +340,7 @@ fn library_lock_modes() {
             assert_eq!(err.kind(), ErrorKind::Locked, "{mode:?}: {err}");
         }
         let img = ImageOpen::path(&img)
-            .format(Format::Qcow2)
+            .format(Format::QCOW2)
             .locking(LockMode::Off)
             .open()
             .await

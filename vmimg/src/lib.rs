@@ -1,15 +1,20 @@
 //! vmimg: virtual-machine disk images — storage, formats and one access layer.
 //!
 //! ```text
-//!  Image (access: split on mappings, backing fall-through, alignment, concurrency)
+//!  image::   Image (access: split on mappings, backing fall-through, alignment,
+//!            concurrency), ImageOpen/OpenOptions, the registry of formats
 //!    |
-//!  FormatDriver: raw | qcow2              -- guest ranges -> mappings
+//!  raw:: | qcow2::   each format: its ImageFormat entry points and its FormatDriver
 //!    |
-//!  Storage: file | memory | null           -- host bytes on a medium
+//!  format::  the driver contract: FormatDriver, ImageFormat, mappings, the chain reader,
+//!            the implicit-open policy, QEMU's probe, options and info trees
+//!    |
+//!  storage:: file | memory | null | ...   -- host bytes on a medium
 //! ```
 //!
 //! Open an image with [`ImageOpen`] (any format) or a format's own builder ([`RawOpen`]);
-//! create one with a format's create builder ([`RawCreate`]). Every file an image names
+//! create one with a format's create builder ([`RawCreate`]), or by name with options as
+//! qemu-img takes them ([`Format::from_name`], [`ImageFormat::create`](format::ImageFormat::create)). Every file an image names
 //! itself is opened through an [`ImplicitOpenPolicy`]. All futures are `Send`; file I/O runs
 //! on tokio's blocking pool, so the crate must be used inside a tokio runtime (or through
 //! [`BlockingImage`]).
@@ -35,6 +40,7 @@
 
 mod error;
 pub mod format;
+pub mod image;
 pub mod io_buf;
 pub mod nbd;
 pub mod qcow2;
@@ -43,11 +49,13 @@ pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::{
-    BlockStatus, BlockStatusKind, BlockingImage, DiscardMode, Format, FormatDriver, Image,
-    ImageDescription, ImageOpen, ImplicitOpenPolicy, OpenOptions, PolicyDecision,
+    DiscardMode, Format, FormatDriver, ImageDescription, ImplicitOpenPolicy, PolicyDecision,
 };
-pub use qcow2::{Qcow2Create, Qcow2Open};
-pub use raw::{RawCreate, RawOpen};
+pub use image::{
+    BlockStatus, BlockStatusKind, BlockingImage, Image, ImageOpen, OpenOptions, Qcow2Open, RawOpen,
+};
+pub use qcow2::Qcow2Create;
+pub use raw::RawCreate;
 pub use storage::{
     FaultKind, FaultOp, FaultStorage, FileStorage, FileStorageOpen, HookStorage, LockMode,
     MemoryStorage, NullStorage, Permissions, PreallocMode, Storage, StorageExt, StorageHook,

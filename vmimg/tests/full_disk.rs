@@ -149,7 +149,7 @@ async fn run(budget: u64, seed: u64) -> Option<usize> {
         .await
         .ok()?;
     let image = ImageOpen::storage(disk.clone())
-        .format(Format::Qcow2)
+        .format(Format::QCOW2)
         .options(OpenOptions::new().writable(true))
         .open()
         .await
@@ -204,7 +204,7 @@ async fn run(budget: u64, seed: u64) -> Option<usize> {
         report.messages
     );
     let reopened = ImageOpen::storage(Arc::new(MemoryStorage::from_bytes(&bytes)))
-        .format(Format::Qcow2)
+        .format(Format::QCOW2)
         .open()
         .await
         .unwrap();

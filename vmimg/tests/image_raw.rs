@@ -477,7 +477,7 @@ async fn backing_image_or_data_file_on_raw_is_unsupported() {
         .await;
     assert_kind(r, ErrorKind::Unsupported, "raw with a data file");
     let r = ImageOpen::storage(mem())
-        .format(Format::Raw)
+        .format(Format::RAW)
         .options(OpenOptions::new().backing(backing().await))
         .open()
         .await;
@@ -755,9 +755,9 @@ fn blocking_image_works_without_a_runtime() {
     std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
 
     let img =
-        BlockingImage::open(ImageOpen::path(&path).format(Format::Raw).writable(true)).unwrap();
+        BlockingImage::open(ImageOpen::path(&path).format(Format::RAW).writable(true)).unwrap();
     assert_eq!(img.size(), SIZE);
-    assert_eq!(img.image().format(), Format::Raw);
+    assert_eq!(img.image().format(), Format::RAW);
     img.write(12_345, b"blocking hello").unwrap();
     let mut buf = [0u8; 16];
     img.read(12_344, &mut buf).unwrap();
@@ -799,7 +799,7 @@ fn blocking_image_works_without_a_runtime() {
     assert_eq!(&on_disk[2 * SIZE as usize - 3..], b"end");
 
     // Reopened read-only: reads work, writes are refused.
-    let ro = BlockingImage::open(ImageOpen::path(&path).format(Format::Raw)).unwrap();
+    let ro = BlockingImage::open(ImageOpen::path(&path).format(Format::RAW)).unwrap();
     let mut end = [0u8; 3];
     ro.read(2 * SIZE - 3, &mut end).unwrap();
     assert_eq!(&end, b"end");
@@ -955,7 +955,7 @@ async fn created_raw_files_have_the_size_asked() {
         let path: &Path = f.path.as_deref().unwrap();
         assert_eq!(std::fs::metadata(path).unwrap().len(), 3 << 20);
         assert_eq!(f.image.size(), 3 << 20);
-        assert_eq!(f.image.format(), Format::Raw);
+        assert_eq!(f.image.format(), Format::RAW);
         assert_eq!(f.image.chain_len(), 1);
         assert!(f.image.backing().is_none());
     }

@@ -1277,7 +1277,7 @@ async fn empty_file_as_qcow2_is_invalid_format_and_probed_is_empty_raw() {
         expect_err(r, ErrorKind::InvalidFormat, &["too short"]);
         // Without a format, an empty file probes as raw of size 0.
         let image = ImageOpen::path(&path).open().await.unwrap();
-        assert_eq!(image.format(), vmimg::Format::Raw);
+        assert_eq!(image.format(), vmimg::Format::RAW);
         assert_eq!(image.size(), 0);
     })
     .await;

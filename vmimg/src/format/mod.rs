@@ -1,140 +1,44 @@
-//! Format layer: drivers turn guest ranges into mappings; the access handle does the I/O.
+//! The driver contract: what a format implements, and what it is given (the chain below it,
+//! the implicit-open policy, QEMU's probe).
 //!
 //! ```text
-//!   Image (access handle: splitting, backing fall-through, alignment, concurrency)
+//!   Image (crate::image: splitting, backing fall-through, alignment, concurrency)
 //!     |-- layer 0: dyn FormatDriver  (the image opened)   --> dyn Storage
 //!     |-- layer 1: dyn FormatDriver  (its backing file)    --> dyn Storage
 //!     '-- ...
 //! ```
 //!
-//! A driver answers "where does guest range X live?" with a [`Mapping`]; the [`Image`] reads
-//! and writes the data itself, outside any driver lock.
+//! A driver answers "where does guest range X live?" with a [`Mapping`]; the image handle
+//! reads and writes the data itself, outside any driver lock.
 
-mod access;
-mod blocking;
-pub(crate) mod open;
+mod chain;
+mod check;
+mod image_format;
+mod info;
+mod options;
 mod policy;
 mod probe;
 
-pub use access::{BlockStatus, BlockStatusKind, Image};
-pub use blocking::BlockingImage;
-pub use open::{ImageOpen, OpenOptions, DEFAULT_MAX_CHAIN_DEPTH};
+pub use chain::ChainView;
+pub(crate) use chain::{bad_mapping, read_chain, take_front, total};
+pub use check::{CheckReport, Repair};
+pub use image_format::{
+    BackingName, FileOpen, Format, ImageFormat, LayerOpen, Measure, MeasureSource, OpenedLayer,
+    ProbeFn,
+};
+pub use info::{FormatSpecific, InfoValue};
+pub use options::{
+    options_help, parse_option_list, parse_size, FormatOptions, OptionKind, OptionSpec, OptionValue,
+};
 pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, PolicyDecision};
-pub use probe::{probe_bytes, PROBE_BYTES};
+#[cfg(test)]
+pub(crate) use probe::CLOOP_MAGIC;
+pub use probe::PROBE_BYTES;
+pub(crate) use probe::{best, foreign_names, foreign_scores, probe_buffer};
 
-use crate::storage::{BoxFuture, Permissions, PreallocMode, Storage, StorageExt};
+use crate::storage::{BoxFuture, PreallocMode, Storage};
 use crate::{Error, ErrorKind, Result};
 use std::fmt;
-
-/// Image formats vmimg knows by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Format {
-    /// Raw: guest offset equals file offset.
-    Raw,
-    /// QEMU copy-on-write v2/v3.
-    Qcow2,
-}
-
-impl Format {
-    /// qemu-img's name for the format (`raw`, `qcow2`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-
-    /// Parses qemu-img's format names. Formats QEMU knows that vmimg cannot open yet are
-    /// refused with [`ErrorKind::Unsupported`] ("format 'vmdk' is not supported"); names
-    /// nobody knows with QEMU's "Unknown driver" message.
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "raw" => Ok(Format::Raw),
-            "qcow2" => Ok(Format::Qcow2),
-            other if probe::probed_names().any(|n| n == other) => Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("format '{other}' is not supported"),
-            )),
-            other => Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("Unknown driver '{other}'"),
-            )),
-        }
-    }
-
-    /// Guesses the format from the first bytes of `storage` and its file name, as QEMU does
-    /// (see [`probe_bytes`]): every format QEMU recognises is recognised, and one vmimg
-    /// cannot open fails with [`ErrorKind::Unsupported`] instead of being read as raw. An
-    /// empty file is raw.
-    ///
-    /// **Not for untrusted images.** A guest that can write to a raw image can make its first
-    /// sector look like a qcow2 header naming any backing file on the host; probing such an
-    /// image would then read a file the user never named. Name the format explicitly for any
-    /// image you did not create yourself. (Writes that would change what a probed raw image
-    /// probes as are refused, as in QEMU, but images written elsewhere are not protected.)
-    pub async fn probe(storage: &dyn Storage) -> Result<Self> {
-        let size = storage.size()?;
-        if size == 0 {
-            return Ok(Format::Raw);
-        }
-        let mut first = vec![0u8; size.min(probe::PROBE_BYTES as u64) as usize];
-        storage.read_at(0, &mut first).await?;
-        let name = storage.path().and_then(|p| p.to_str());
-        Format::from_name(probe_bytes(&first, name))
-    }
-}
-
-impl Format {
-    /// What a user of an image of this format holds on the image file and what it lets
-    /// others do meanwhile (the permissions behind QEMU's image locks, see
-    /// [`Permissions`]), for a user that opens it `writable` and would share `shared`.
-    ///
-    /// Formats that keep metadata in the file (qcow2) never share writing or resizing:
-    /// another writer would corrupt it, and a reader would see it change underfoot. With
-    /// `force_share` (QEMU's `-U`, for read-only users only: refused with `writable`)
-    /// everything is shared.
-    pub fn permissions(
-        self,
-        writable: bool,
-        shared: Permissions,
-        force_share: bool,
-    ) -> Result<(Permissions, Permissions)> {
-        if force_share && writable {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                "force-share=on can only be used with read-only images",
-            ));
-        }
-        let mut perm = Permissions::CONSISTENT_READ;
-        if writable {
-            perm = perm | Permissions::WRITE;
-        }
-        let owns_metadata = match self {
-            Format::Raw => false,
-            Format::Qcow2 => true,
-        };
-        if force_share {
-            return Ok((perm, Permissions::ALL));
-        }
-        if !owns_metadata {
-            return Ok((perm, shared));
-        }
-        if writable {
-            perm = perm | Permissions::RESIZE;
-        }
-        Ok((
-            perm,
-            shared.without(Permissions::WRITE | Permissions::RESIZE),
-        ))
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Where a guest range lives at one layer of the chain.
 #[derive(Clone, Copy, Debug)]
@@ -262,37 +166,6 @@ pub struct BitmapInfo {
     pub flags: Vec<&'static str>,
 }
 
-/// qcow2 facts for `info` (qemu-img's `format-specific.data`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Qcow2Specific {
-    /// `0.10` (v2) or `1.1` (v3).
-    pub compat: &'static str,
-    /// `zlib` or `zstd`.
-    pub compression_type: &'static str,
-    /// Lazy refcounts enabled.
-    pub lazy_refcounts: bool,
-    /// Refcount width in bits.
-    pub refcount_bits: u32,
-    /// The corrupt bit.
-    pub corrupt: bool,
-    /// Extended L2 entries.
-    pub extended_l2: bool,
-    /// External data file name.
-    pub data_file: Option<String>,
-    /// Whether the data file is raw (present only with a data file).
-    pub data_file_raw: Option<bool>,
-    /// Persistent bitmaps.
-    pub bitmaps: Vec<BitmapInfo>,
-}
-
-/// Format-specific facts for `info`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum FormatSpecific {
-    /// qcow2.
-    Qcow2(Qcow2Specific),
-}
-
 /// Facts about an open image for `info`.
 #[derive(Clone, Debug, Default)]
 pub struct ImageDescription {
@@ -312,13 +185,15 @@ pub struct ImageDescription {
     pub cluster_size: Option<u64>,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotInfo>,
-    /// Format-specific facts.
+    /// Persistent dirty bitmaps QEMU would use.
+    pub bitmaps: Vec<BitmapInfo>,
+    /// Format-specific facts (qemu-img's "Format specific information").
     pub format_specific: Option<FormatSpecific>,
 }
 
 /// A format driver: maps guest ranges of one image layer and changes its metadata.
 ///
-/// Contract: callers (the [`Image`]) only ask about ranges inside `[0, size())`, with
+/// Contract: callers (the [`Image`](crate::Image)) only ask about ranges inside `[0, size())`, with
 /// non-zero lengths; writes only come while [`FormatDriver::is_writable`] is true.
 pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
     /// The format.
@@ -408,7 +283,26 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         })
     }
 
-    /// The driver as `Any`, to reach format-specific operations (e.g. qcow2's `amend`).
+    /// Changes options of the open image (`qemu-img amend`): `options` were checked
+    /// against the format's [`ImageFormat::amend_options`]. The image is flushed and must
+    /// be reopened to be written with the new options.
+    fn amend<'a>(
+        &'a self,
+        options: &'a FormatOptions,
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        let _ = (options, below);
+        let name = self.format().name();
+        Box::pin(async move {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("Format driver '{name}' does not support option amendment"),
+            ))
+        })
+    }
+
+    /// The driver as `Any`, for tests and diagnostics; format-specific operations are
+    /// methods of this trait, not downcasts.
     fn as_any(&self) -> &dyn std::any::Any;
 
     /// The unit of compressed writes and of allocation, for formats that have one.
@@ -464,34 +358,5 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
             actual_size: storage.allocated_size(),
             ..ImageDescription::default()
         }
-    }
-}
-
-/// A read-only view of the layers below one layer of a chain (for copy-on-write).
-#[derive(Clone, Copy, Debug)]
-pub struct ChainView<'a> {
-    layers: &'a [std::sync::Arc<dyn FormatDriver>],
-}
-
-impl<'a> ChainView<'a> {
-    /// An empty chain: reads return zeros.
-    pub fn empty() -> Self {
-        ChainView { layers: &[] }
-    }
-
-    /// Whether there is no layer.
-    pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
-    }
-
-    /// Virtual size of the first layer (0 for an empty chain).
-    pub fn size(&self) -> u64 {
-        self.layers.first().map_or(0, |l| l.size())
-    }
-
-    /// Reads guest data through these layers; past the end of the chain (or of a shorter
-    /// layer) reads return zeros.
-    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        access::read_chain(self.layers, offset, vec![buf]).await
     }
 }

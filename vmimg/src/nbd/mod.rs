@@ -35,7 +35,8 @@
 
 mod proto;
 
-use crate::format::{DiscardMode, Image};
+use crate::format::DiscardMode;
+use crate::image::Image;
 use crate::{Error, ErrorKind, Result};
 use proto::*;
 use std::io;

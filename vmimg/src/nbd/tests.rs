@@ -3,7 +3,7 @@
 
 use super::proto::*;
 use super::*;
-use crate::format::ImageOpen;
+use crate::image::ImageOpen;
 use crate::storage::MemoryStorage;
 use tokio::io::DuplexStream;
 
@@ -13,7 +13,7 @@ async fn image(writable: bool) -> Image {
     let mut content = vec![0u8; SIZE as usize];
     content[..4096].fill(0xab);
     ImageOpen::storage(Arc::new(MemoryStorage::from_bytes(&content)))
-        .format(crate::Format::Raw)
+        .format(crate::Format::RAW)
         .writable(writable)
         .open()
         .await
@@ -664,7 +664,7 @@ async fn storage_errors_become_nbd_errors() {
     use crate::storage::{FaultKind, FaultOp, FaultStorage};
     let storage = Arc::new(FaultStorage::from_bytes(&vec![0u8; SIZE as usize]));
     let img = ImageOpen::storage(storage.clone())
-        .format(crate::Format::Raw)
+        .format(crate::Format::RAW)
         .writable(true)
         .open()
         .await

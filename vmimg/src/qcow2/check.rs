@@ -30,6 +30,7 @@ use super::l2::{compressed_extent, COMPRESSED, COPIED, L1_OFFSET_MASK, L2_OFFSET
 use super::read_header;
 use super::refcount::{get_entry, set_entry, Refcounts, ReftableMove, REFTABLE_OFFSET_MASK};
 use super::types::Geometry;
+pub use crate::format::{CheckReport, Repair};
 use crate::storage::{PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 
@@ -56,67 +57,6 @@ const BME_RESERVED_FLAGS: u32 = 0xffff_fff8;
 const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_SNAPSHOT_EXTRA: u32 = 1024;
 const MAX_SNAPSHOTS_SIZE: u64 = 64 << 20;
-
-/// What [`check`] may change in the image.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Repair {
-    /// Only look (`qemu-img check`).
-    #[default]
-    None,
-    /// Free leaked clusters (`qemu-img check -r leaks`); OFLAG_COPIED flags are fixed too
-    /// when the refcounts are otherwise sound, as QEMU does.
-    Leaks,
-    /// Fix leaks, refcount errors and OFLAG_COPIED flags, rebuilding the refcount structure
-    /// when needed (`qemu-img check -r all`).
-    All,
-}
-
-impl Repair {
-    fn leaks(self) -> bool {
-        self != Repair::None
-    }
-
-    fn errors(self) -> bool {
-        self == Repair::All
-    }
-}
-
-/// The outcome of one check pass, with qemu-img's counts.
-///
-/// With a repair mode, the counts describe the pass that repaired: what was fixed, and
-/// what was found but could not be fixed. `qemu-img check -r` then checks the image again
-/// and prints the second pass with the first pass's `*_fixed` counts.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Inconsistencies that can corrupt data (refcount too low, bad offsets, bad flags).
-    pub corruptions: u64,
-    /// Clusters whose refcount is higher than their references (wasted space).
-    pub leaks: u64,
-    /// Errors that kept parts of the check from running (unreadable metadata).
-    pub check_errors: u64,
-    /// Corruptions repaired.
-    pub corruptions_fixed: u64,
-    /// Leaks repaired.
-    pub leaks_fixed: u64,
-    /// End of the last cluster in use (referenced or with a refcount), in bytes.
-    pub image_end_offset: u64,
-    /// Guest clusters of the virtual disk.
-    pub total_clusters: u64,
-    /// Guest clusters allocated in the active L1/L2 tables (data, preallocated zero and
-    /// compressed).
-    pub allocated_clusters: u64,
-    /// Allocated clusters not following their predecessor on the host (compressed clusters
-    /// always count).
-    pub fragmented_clusters: u64,
-    /// Compressed clusters.
-    pub compressed_clusters: u64,
-    /// What was found and done, one line each, in QEMU's words (qemu-img prints these on
-    /// stderr).
-    pub messages: Vec<String>,
-    /// Set when the check could not complete, with the reason (qemu-img: "Check failed:
-    /// REASON", exit status 1); the counts are then incomplete.
-    pub failure: Option<String>,
-}
 
 /// Checks the qcow2 image in `file` (and repairs it as `repair` allows).
 ///

@@ -189,7 +189,7 @@ impl Qcow2Create {
         self.validate()?;
         let image = NewFile::new(&path);
         // Locked as the image will be used, before the file is truncated.
-        let (perm, shared) = crate::Format::Qcow2.permissions(true, Permissions::ALL, false)?;
+        let (perm, shared) = super::QCOW2.permissions(true, Permissions::ALL, false)?;
         let file = image.finish(
             FileStorageOpen::new(&path)
                 .create(true)

@@ -19,6 +19,8 @@ mod compress;
 mod create;
 pub mod header;
 mod l2;
+mod open;
+pub mod options;
 mod refcount;
 pub mod snapshot;
 pub mod types;
@@ -28,11 +30,12 @@ pub use amend::Qcow2Amend;
 pub use bitmaps::BitmapEntry;
 pub use create::Qcow2Create;
 pub use header::{CompressionType, Header, HeaderError};
+pub use open::{Qcow2Format, QCOW2};
 pub use snapshot::Snapshot;
 
 use crate::format::{
     BitmapInfo, ChainView, DiscardMode, Format, FormatDriver, FormatSpecific, ImageDescription,
-    MapKind, MapQuery, Mapping, Qcow2Specific, SnapshotInfo, WriteTarget,
+    InfoValue, MapKind, MapQuery, Mapping, SnapshotInfo, WriteTarget,
 };
 use crate::storage::{BoxFuture, HostExtent, PreallocMode, Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
@@ -40,18 +43,6 @@ use l2::{ClusterState, EntryError, L2Cache, L2Table, L1_OFFSET_MASK};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use types::{Geometry, GuestOffset};
-
-crate::format::open::format_open_builder!(
-    /// Opens a qcow2 image and its backing chain.
-    ///
-    /// Files the image names (backing file, external data file) are opened through the
-    /// [`ImplicitOpenPolicy`](crate::ImplicitOpenPolicy) of the options.
-    Qcow2Open,
-    Format::Qcow2
-);
-
-/// Default L2 cache budget: 32 MiB of tables (QEMU's default maximum on Linux).
-pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 
 /// Decompressed clusters kept for repeated small reads of the same compressed cluster.
 const DECOMPRESSED_CACHE: usize = 4;
@@ -87,6 +78,19 @@ struct Loaded {
     tables: Tables,
     l1: Vec<u64>,
     size: u64,
+}
+
+/// The bitmaps as `info` lists them.
+fn bitmap_infos(tables: &Tables) -> Vec<BitmapInfo> {
+    tables
+        .bitmaps
+        .iter()
+        .map(|b| BitmapInfo {
+            name: b.name.clone(),
+            granularity: b.granularity(),
+            flags: b.flag_names(),
+        })
+        .collect()
 }
 
 /// Reads what [`Tables`] hold, and the L1 table of the active state or of `snapshot`.
@@ -503,34 +507,58 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    fn specific(&self) -> Qcow2Specific {
-        let tables = self.tables();
+    /// qemu-img's "Format specific information" for qcow2, in its order and keys.
+    fn specific(&self, tables: &Tables) -> FormatSpecific {
         let h = &tables.header;
-        Qcow2Specific {
-            compat: h.compat_name(),
-            compression_type: h.compression_type.name(),
-            lazy_refcounts: h.lazy_refcounts(),
-            refcount_bits: h.refcount_bits(),
-            corrupt: h.is_corrupt(),
-            extended_l2: h.geometry().extended_l2(),
-            data_file: h.data_file.clone(),
-            data_file_raw: h.has_data_file().then(|| h.data_file_raw()),
-            bitmaps: tables
-                .bitmaps
-                .iter()
-                .map(|b| BitmapInfo {
-                    name: b.name.clone(),
-                    granularity: b.granularity(),
-                    flags: b.flag_names(),
-                })
-                .collect(),
+        let v3 = h.version >= 3;
+        let mut f = FormatSpecific::new("qcow2");
+        f.push("compat", InfoValue::Str(h.compat_name().into()));
+        f.push(
+            "compression-type",
+            InfoValue::Str(h.compression_type.name().into()),
+        );
+        if v3 {
+            f.push("lazy-refcounts", InfoValue::Bool(h.lazy_refcounts()));
         }
+        if !tables.bitmaps.is_empty() {
+            let list = bitmap_infos(tables)
+                .into_iter()
+                .map(|b| {
+                    InfoValue::Map(vec![
+                        (
+                            "flags".into(),
+                            InfoValue::List(
+                                b.flags
+                                    .iter()
+                                    .map(|f| InfoValue::Str(f.to_string()))
+                                    .collect(),
+                            ),
+                        ),
+                        ("name".into(), InfoValue::Str(b.name)),
+                        ("granularity".into(), InfoValue::Int(b.granularity)),
+                    ])
+                })
+                .collect();
+            f.push("bitmaps", InfoValue::List(list));
+        }
+        f.push("refcount-bits", InfoValue::Int(h.refcount_bits().into()));
+        if let Some(d) = &h.data_file {
+            f.push("data-file", InfoValue::Str(d.clone()));
+        }
+        if h.has_data_file() {
+            f.push("data-file-raw", InfoValue::Bool(h.data_file_raw()));
+        }
+        if v3 {
+            f.push("corrupt", InfoValue::Bool(h.is_corrupt()));
+            f.push("extended-l2", InfoValue::Bool(h.geometry().extended_l2()));
+        }
+        f
     }
 }
 
 impl FormatDriver for Qcow2Driver {
     fn format(&self) -> Format {
-        Format::Qcow2
+        QCOW2
     }
 
     fn size(&self) -> u64 {
@@ -620,6 +648,17 @@ impl FormatDriver for Qcow2Driver {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(self.geometry.cluster_size())
+    }
+
+    fn amend<'a>(
+        &'a self,
+        options: &'a crate::format::FormatOptions,
+        below: ChainView<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let a = options::amend_from_options(options)?;
+            Qcow2Driver::amend(self, &a, below).await
+        })
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -716,7 +755,8 @@ impl FormatDriver for Qcow2Driver {
                     icount: s.icount,
                 })
                 .collect(),
-            format_specific: Some(FormatSpecific::Qcow2(self.specific())),
+            bitmaps: bitmap_infos(&tables),
+            format_specific: Some(self.specific(&tables)),
         }
     }
 }

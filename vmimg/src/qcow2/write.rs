@@ -1540,7 +1540,7 @@ impl Qcow2Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::OpenOptions;
+    use crate::image::OpenOptions;
     use crate::storage::MemoryStorage;
     use crate::{Image, ImageOpen};
 
@@ -1552,7 +1552,7 @@ mod tests {
             .await
             .unwrap();
         ImageOpen::storage(storage)
-            .format(crate::Format::Qcow2)
+            .format(super::super::QCOW2)
             .options(OpenOptions::new().writable(true).l2_cache_size(16 * 512))
             .open()
             .await

@@ -1,7 +1,8 @@
 //! The raw format: guest offset N is byte N of the storage.
 
 use crate::format::{
-    probe_bytes, ChainView, DiscardMode, Format, FormatDriver, MapKind, MapQuery, Mapping,
+    ChainView, DiscardMode, Format, FormatDriver, FormatOptions, ImageFormat, LayerOpen, MapKind,
+    MapQuery, Mapping, Measure, MeasureSource, OpenedLayer, OptionKind, OptionSpec, ProbeFn,
     WriteTarget, PROBE_BYTES,
 };
 use crate::storage::{
@@ -20,14 +21,94 @@ fn round_to_sector(size: u64) -> u64 {
     size.div_ceil(SECTOR).saturating_mul(SECTOR)
 }
 
+/// The raw format's entry points.
+#[derive(Debug)]
+pub struct RawFormat;
+
+/// The raw format.
+pub const RAW: Format = Format::new(&RawFormat);
+
+impl ImageFormat for RawFormat {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    /// Raw matches anything, with the lowest score (QEMU's `raw_probe`).
+    fn probe(&self, _first: &[u8], _filename: Option<&str>, _file_size: u64) -> u32 {
+        1
+    }
+
+    fn owns_metadata(&self) -> bool {
+        false
+    }
+
+    fn create_options(&self) -> &'static [OptionSpec] {
+        &[
+            OptionSpec {
+                name: "size",
+                kind: OptionKind::Size,
+                help: "Virtual disk size",
+            },
+            OptionSpec {
+                name: "preallocation",
+                kind: OptionKind::Str,
+                help: "Preallocation mode (allowed values: off, falloc, full)",
+            },
+        ]
+    }
+
+    fn create_summary(&self, options: &FormatOptions) -> String {
+        let mut s = format!("size={}", options.size("size").unwrap_or(0));
+        if let Some(p) = options.str("preallocation") {
+            s += &format!(" preallocation={p}");
+        }
+        s
+    }
+
+    fn create<'a>(
+        &'a self,
+        path: &'a std::path::Path,
+        options: &'a FormatOptions,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { RawCreate::from_options(options)?.create(path).await })
+    }
+
+    fn measure(&self, _options: &FormatOptions, source: &MeasureSource) -> Result<Measure> {
+        let size = round_to_sector(source.size);
+        Ok(Measure {
+            required: size,
+            fully_allocated: size,
+            bitmaps: None,
+        })
+    }
+
+    fn open<'a>(&'a self, layer: LayerOpen<'a>) -> BoxFuture<'a, Result<OpenedLayer>> {
+        Box::pin(async move {
+            if layer.data_file.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "raw images cannot have an external data file",
+                ));
+            }
+            let driver = RawDriver::new(layer.storage, layer.writable)?
+                .probed(layer.probed.then_some(layer.probe));
+            Ok(OpenedLayer {
+                driver: Arc::new(driver),
+                backing: None,
+            })
+        })
+    }
+}
+
 /// The raw driver. Holes in the storage are reported as zeros by status queries.
 #[derive(Debug)]
 pub struct RawDriver {
     storage: Arc<dyn Storage>,
     size: AtomicU64,
     writable: bool,
-    /// The format was guessed, not named: block 0 is protected (see [`RawDriver::probed`]).
-    probed: bool,
+    /// The format was guessed, not named: block 0 is protected with this probe (see
+    /// [`RawDriver::probed`]).
+    probed: Option<ProbeFn>,
 }
 
 impl RawDriver {
@@ -54,24 +135,25 @@ impl RawDriver {
             writable: writable && storage.is_writable(),
             storage,
             size: AtomicU64::new(size),
-            probed: false,
+            probed: None,
         })
     }
 
-    /// Marks the image as probed raw (its format was guessed, not named), as QEMU's raw
-    /// driver does: a write that would make block 0 probe as another format is refused
-    /// with [`ErrorKind::PermissionDenied`] (EPERM), so that a guest cannot turn its disk
-    /// into, say, a qcow2 image naming a host file as its backing file. Writes then go in
-    /// whole 512-byte sectors (read-modify-write), so the check sees the whole new sector.
-    pub fn probed(mut self, probed: bool) -> Self {
-        self.probed = probed;
+    /// Marks the image as probed raw (its format was guessed, not named, with `probe`), as
+    /// QEMU's raw driver does: a write that would make block 0 probe as another format is
+    /// refused with [`ErrorKind::PermissionDenied`] (EPERM), so that a guest cannot turn its
+    /// disk into, say, a qcow2 image naming a host file as its backing file. Writes then go
+    /// in whole 512-byte sectors (read-modify-write), so the check sees the whole new
+    /// sector.
+    pub fn probed(mut self, probe: Option<ProbeFn>) -> Self {
+        self.probed = probe;
         self
     }
 }
 
 impl FormatDriver for RawDriver {
     fn format(&self) -> Format {
-        Format::Raw
+        RAW
     }
 
     fn size(&self) -> u64 {
@@ -88,7 +170,7 @@ impl FormatDriver for RawDriver {
 
     fn request_align(&self) -> usize {
         let align = self.storage.request_align();
-        if self.probed {
+        if self.probed.is_some() {
             align.max(SECTOR as usize)
         } else {
             align
@@ -96,7 +178,10 @@ impl FormatDriver for RawDriver {
     }
 
     fn check_write(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
-        if !self.probed || offset >= PROBE_BYTES as u64 {
+        let Some(probe) = self.probed else {
+            return Ok(());
+        };
+        if offset >= PROBE_BYTES as u64 {
             return Ok(());
         }
         // Writes come in whole sectors here (request_align), so the first one is the new
@@ -106,7 +191,7 @@ impl FormatDriver for RawDriver {
             let n = (PROBE_BYTES - first.len()).min(b.len());
             first.extend_from_slice(&b[..n]);
         }
-        match probe_bytes(&first, None) {
+        match probe(&first, None) {
             "raw" => Ok(()),
             other => Err(Error::new(
                 ErrorKind::PermissionDenied,
@@ -239,13 +324,6 @@ impl FormatDriver for RawDriver {
     }
 }
 
-crate::format::open::format_open_builder!(
-    /// Opens a raw image. A raw image has no backing file nor data file: asking for one is an
-    /// error.
-    RawOpen,
-    Format::Raw
-);
-
 /// Creates a raw image (`qemu-img create -f raw`).
 #[derive(Clone, Copy, Debug)]
 pub struct RawCreate {
@@ -261,6 +339,29 @@ impl RawCreate {
             size: round_to_sector(size),
             prealloc: PreallocMode::Off,
         }
+    }
+
+    /// A creation from checked options (`size`, `preallocation`).
+    pub fn from_options(options: &FormatOptions) -> Result<Self> {
+        let size = options.size("size").ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                "Image creation needs a size parameter",
+            )
+        })?;
+        let prealloc = match options.str("preallocation") {
+            None => PreallocMode::Off,
+            Some(v) => match PreallocMode::parse(v) {
+                Some(PreallocMode::Metadata) | None => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("invalid parameter value: {v}"),
+                    ))
+                }
+                Some(p) => p,
+            },
+        };
+        Ok(RawCreate::new(size).preallocation(prealloc))
     }
 
     /// How to allocate the space (`preallocation=`).
@@ -329,6 +430,7 @@ impl RawCreate {
 mod tests {
     use super::*;
     use crate::storage::{MemoryStorage, StorageExt};
+    use crate::RawOpen;
 
     #[tokio::test]
     async fn create_rounds_size_up_to_a_sector_like_qemu_img() {

@@ -1,14 +1,17 @@
 //! Open builders shared by every format, and the format-dispatching [`ImageOpen`].
 
-use super::{
-    Format, FormatDriver, Image, ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest,
+use super::{probe_bytes, Image};
+use crate::format::{
+    FileOpen, Format, FormatDriver, ImplicitOpenKind, ImplicitOpenPolicy, LayerOpen,
 };
-use crate::qcow2::{self, Qcow2Driver, Qcow2Params};
-use crate::raw::RawDriver;
 use crate::storage::{AlignedStorage, FileStorageOpen, LockMode, Permissions, Storage};
 use crate::{Error, ErrorKind, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Default memory for the cached metadata tables of each layer (qcow2's L2 tables): 32 MiB,
+/// QEMU's default maximum on Linux.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
 /// Default limit on the number of layers in a backing chain.
 pub const DEFAULT_MAX_CHAIN_DEPTH: usize = 1024;
@@ -82,7 +85,7 @@ impl Default for OpenOptions {
             backing: None,
             no_backing: false,
             data_file: None,
-            l2_cache_bytes: qcow2::DEFAULT_L2_CACHE_BYTES,
+            l2_cache_bytes: DEFAULT_CACHE_BYTES,
             snapshot: None,
             max_chain_depth: DEFAULT_MAX_CHAIN_DEPTH,
             untrusted: false,
@@ -100,8 +103,8 @@ impl OpenOptions {
         Self::default()
     }
 
-    /// Memory for cached L2 tables of each qcow2 layer, in bytes (default 32 MiB; at least
-    /// 16 tables are kept whatever the budget).
+    /// Memory for the cached metadata tables of each layer (qcow2's L2 tables), in bytes
+    /// (default 32 MiB; at least 16 tables are kept whatever the budget).
     pub fn l2_cache_size(mut self, bytes: u64) -> Self {
         self.l2_cache_bytes = bytes;
         self
@@ -231,7 +234,7 @@ impl OpenOptions {
 /// ```no_run
 /// # async fn f() -> vmimg::Result<()> {
 /// use vmimg::{Format, ImageOpen};
-/// let image = ImageOpen::path("disk.raw").format(Format::Raw).writable(true).open().await?;
+/// let image = ImageOpen::path("disk.raw").format(Format::RAW).writable(true).open().await?;
 /// image.write(0, b"hello").await?;
 /// image.flush().await?;
 /// # Ok(()) }
@@ -347,20 +350,10 @@ fn identity(storage: &dyn Storage) -> Option<PathBuf> {
     Some(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
 }
 
-fn policy_request<'a>(
-    kind: ImplicitOpenKind,
-    name: &'a str,
-    path: &'a Path,
-    named_by: Option<&'a Path>,
-    writable: bool,
-    opts: &OpenOptions,
-) -> ImplicitOpenRequest<'a> {
-    ImplicitOpenRequest {
-        kind,
-        name,
-        path,
-        named_by,
-        writable,
+/// How files named inside an image are opened, from the open options.
+fn files(opts: &OpenOptions) -> FileOpen<'_> {
+    FileOpen {
+        policy: &opts.policy,
         direct: opts.direct,
         no_sync: opts.no_sync,
         inline_io: opts.inline_io,
@@ -441,108 +434,56 @@ pub(crate) async fn open_chain(
             Some(p) if !top => e.with_path(p),
             _ => e,
         };
-        let (perm, shared) = layer_permissions(format, top, writable, opts)?;
-        storage.set_permissions(perm, shared).map_err(layer_err)?;
-        match format {
-            Format::Raw => {
-                if top && (opts.backing.is_some() || opts.data_file.is_some()) {
-                    return Err(Error::new(
-                        ErrorKind::Unsupported,
-                        "raw images cannot have a backing file or an external data file",
-                    ));
-                }
-                let driver = RawDriver::new(Arc::clone(&storage), writable)
-                    .map_err(layer_err)?
-                    .probed(probed);
-                layers.push(Arc::new(driver));
-            }
-            Format::Qcow2 => {
-                if top && opts.snapshot.is_some() && opts.writable {
-                    return Err(Error::new(
-                        ErrorKind::InvalidArgument,
-                        "snapshots can only be opened read-only",
-                    ));
-                }
-                let mut header = qcow2::read_header(storage.as_ref())
-                    .await
-                    .map_err(layer_err)?;
-                if writable && header.is_dirty() && !header.is_corrupt() {
-                    // Left dirty by a crash with lazy refcounts: rebuild the refcounts
-                    // before writing, as QEMU does.
-                    let report = qcow2::check::check(storage.as_ref(), qcow2::check::Repair::All)
-                        .await
-                        .map_err(layer_err)?;
-                    if report.failure.is_some() || report.corruptions > report.corruptions_fixed {
-                        return Err(Error::new(
-                            ErrorKind::Corrupt,
-                            "the image is dirty and its refcounts could not be rebuilt",
-                        ));
-                    }
-                    header = qcow2::read_header(storage.as_ref())
-                        .await
-                        .map_err(layer_err)?;
-                }
-                let data_file = match (&opts.data_file, &header.data_file) {
-                    (Some(d), _) if top => Some(Arc::clone(d)),
-                    _ if !header.has_data_file() => None,
-                    (_, Some(name)) => {
-                        let resolved = storage.resolve_name(name)?;
-                        let req = policy_request(
-                            ImplicitOpenKind::DataFile,
-                            name,
-                            &resolved.path,
-                            storage.path(),
-                            writable,
-                            opts,
-                        );
-                        Some(opts.policy.open(&req).await.map_err(layer_err)?)
-                    }
-                    (_, None) => None,
-                };
-                if let Some(d) = &data_file {
-                    d.set_permissions(perm, shared).map_err(layer_err)?;
-                }
-                let driver = Qcow2Driver::open(Qcow2Params {
-                    file: Arc::clone(&storage),
-                    header: header.clone(),
-                    data_file,
-                    l2_cache_bytes: opts.l2_cache_bytes,
-                    snapshot: if top { opts.snapshot.clone() } else { None },
-                    writable,
-                })
+        let permissions = layer_permissions(format, top, writable, opts)?;
+        storage
+            .set_permissions(permissions.0, permissions.1)
+            .map_err(layer_err)?;
+        let entry = format.entry();
+        if top && opts.backing.is_some() && !entry.has_backing() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("{format} images cannot have a backing file"),
+            ));
+        }
+        let opened = entry
+            .open(LayerOpen {
+                storage: Arc::clone(&storage),
+                top,
+                writable,
+                probed,
+                probe: probe_bytes,
+                permissions,
+                cache_bytes: opts.l2_cache_bytes,
+                snapshot: if top { opts.snapshot.as_deref() } else { None },
+                data_file: if top { opts.data_file.clone() } else { None },
+                files: files(opts),
+            })
+            .await
+            .map_err(layer_err)?;
+        if let (true, Some(b)) = (top, &opts.backing) {
+            // An explicit backing image replaces whatever the image names.
+            return Ok(Image::from_driver(opened.driver, Some(b.clone())));
+        }
+        layers.push(opened.driver);
+        if top && opts.no_backing {
+            break;
+        }
+        if let Some(backing) = opened.backing {
+            let resolved = storage.resolve_name(&backing.name).map_err(layer_err)?;
+            let kind = ImplicitOpenKind::BackingFile;
+            let file = files(opts)
+                .open(kind, &backing.name, &resolved.path, storage.path(), false)
                 .await
-                .map_err(layer_err)?;
-                layers.push(Arc::new(driver));
-                if let (true, Some(b)) = (top, &opts.backing) {
-                    // An explicit backing image replaces whatever the image names.
-                    let driver = layers.pop().expect("the top layer was just pushed");
-                    return Ok(Image::from_driver(driver, Some(b.clone())));
-                }
-                if top && opts.no_backing {
-                    break;
-                }
-                if let Some(name) = &header.backing_file {
-                    let resolved = storage.resolve_name(name).map_err(layer_err)?;
-                    let req = policy_request(
-                        ImplicitOpenKind::BackingFile,
-                        name,
-                        &resolved.path,
-                        storage.path(),
-                        false,
-                        opts,
-                    );
-                    let backing = opts.policy.open(&req).await.map_err(|e| {
-                        e.with_operation("open backing file")
-                            .with_path(&resolved.path)
-                    })?;
-                    let backing_format = header
-                        .backing_format
-                        .as_deref()
-                        .map(Format::from_name)
-                        .transpose()?;
-                    current = Some((backing, backing_format));
-                }
-            }
+                .map_err(|e| {
+                    e.with_operation("open backing file")
+                        .with_path(&resolved.path)
+                })?;
+            let backing_format = backing
+                .format
+                .as_deref()
+                .map(Format::from_name)
+                .transpose()?;
+            current = Some((file, backing_format));
         }
     }
     Ok(Image::from_layers(layers, true))
@@ -554,24 +495,24 @@ macro_rules! format_open_builder {
         $(#[$doc])*
         #[derive(Clone, Debug)]
         pub struct $name {
-            source: $crate::format::open::Source,
-            opts: $crate::format::OpenOptions,
+            source: $crate::image::open::Source,
+            opts: $crate::image::OpenOptions,
         }
 
         impl $name {
             /// Opens the file at `path`.
             pub fn path(path: impl Into<std::path::PathBuf>) -> Self {
                 $name {
-                    source: $crate::format::open::Source::Path(path.into()),
-                    opts: $crate::format::OpenOptions::default(),
+                    source: $crate::image::open::Source::Path(path.into()),
+                    opts: $crate::image::OpenOptions::default(),
                 }
             }
 
             /// Opens an image held in `storage`.
             pub fn storage(storage: std::sync::Arc<dyn $crate::storage::Storage>) -> Self {
                 $name {
-                    source: $crate::format::open::Source::Storage(storage),
-                    opts: $crate::format::OpenOptions::default(),
+                    source: $crate::image::open::Source::Storage(storage),
+                    opts: $crate::image::OpenOptions::default(),
                 }
             }
 
@@ -587,42 +528,57 @@ macro_rules! format_open_builder {
                 self
             }
 
-            /// Ignore sync requests (see [`OpenOptions::no_sync`](crate::format::OpenOptions::no_sync)).
+            /// Ignore sync requests (see [`OpenOptions::no_sync`](crate::image::OpenOptions::no_sync)).
             pub fn no_sync(mut self, no_sync: bool) -> Self {
                 self.opts = self.opts.no_sync(no_sync);
                 self
             }
 
-            /// Do file I/O on the calling thread (see [`OpenOptions::inline_io`](crate::format::OpenOptions::inline_io)).
+            /// Do file I/O on the calling thread (see [`OpenOptions::inline_io`](crate::image::OpenOptions::inline_io)).
             pub fn inline_io(mut self, inline_io: bool) -> Self {
                 self.opts = self.opts.inline_io(inline_io);
                 self
             }
 
             /// Replaces all options at once.
-            pub fn options(mut self, opts: $crate::format::OpenOptions) -> Self {
+            pub fn options(mut self, opts: $crate::image::OpenOptions) -> Self {
                 self.opts = opts;
                 self
             }
 
-            /// Share everything with other users (see [`OpenOptions::force_share`](crate::format::OpenOptions::force_share)).
+            /// Share everything with other users (see [`OpenOptions::force_share`](crate::image::OpenOptions::force_share)).
             pub fn force_share(mut self, force_share: bool) -> Self {
                 self.opts = self.opts.force_share(force_share);
                 self
             }
 
-            /// Lock mode for the files opened (see [`OpenOptions::locking`](crate::format::OpenOptions::locking)).
+            /// Lock mode for the files opened (see [`OpenOptions::locking`](crate::image::OpenOptions::locking)).
             pub fn locking(mut self, mode: $crate::storage::LockMode) -> Self {
                 self.opts = self.opts.locking(mode);
                 self
             }
 
             /// Opens the image (and its backing chain, through the implicit-open policy).
-            pub async fn open(self) -> $crate::Result<$crate::format::Image> {
+            pub async fn open(self) -> $crate::Result<$crate::image::Image> {
                 let storage = self.source.open(&self.opts).await?;
-                $crate::format::open::open_chain(storage, Some($format), &self.opts).await
+                $crate::image::open::open_chain(storage, Some($format), &self.opts).await
             }
         }
     };
 }
-pub(crate) use format_open_builder;
+
+format_open_builder!(
+    /// Opens a raw image. A raw image has no backing file nor data file: asking for one is an
+    /// error.
+    RawOpen,
+    crate::raw::RAW
+);
+
+format_open_builder!(
+    /// Opens a qcow2 image and its backing chain.
+    ///
+    /// Files the image names (backing file, external data file) are opened through the
+    /// [`ImplicitOpenPolicy`](crate::ImplicitOpenPolicy) of the options.
+    Qcow2Open,
+    crate::qcow2::QCOW2
+);

@@ -1,6 +1,7 @@
 //! A blocking wrapper over [`Image`] for programs that do not run an async executor.
 
-use super::{BlockStatus, DiscardMode, Image, ImageOpen};
+use super::{BlockStatus, Image, ImageOpen};
+use crate::format::DiscardMode;
 use crate::storage::PreallocMode;
 use crate::{Error, ErrorKind, Result};
 
@@ -11,7 +12,7 @@ use crate::{Error, ErrorKind, Result};
 ///
 /// ```no_run
 /// use vmimg::{BlockingImage, Format, ImageOpen};
-/// let image = BlockingImage::open(ImageOpen::path("disk.raw").format(Format::Raw))?;
+/// let image = BlockingImage::open(ImageOpen::path("disk.raw").format(Format::RAW))?;
 /// let mut buf = [0u8; 512];
 /// image.read(0, &mut buf)?;
 /// # Ok::<(), vmimg::Error>(())
