@@ -27,8 +27,8 @@ pub struct CreateArgs {
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
-    /// The image to create.
-    filename: String,
+    /// The image to create (optional with `-o help`).
+    filename: Option<String>,
     /// Virtual size, with optional suffix k, M, G, T, P, E.
     size: Option<String>,
 }
@@ -179,11 +179,18 @@ impl CreatePlan {
 }
 
 pub async fn run(args: CreateArgs) -> CmdResult {
-    let format = output_format(&args.format)?;
+    let format = output_format(&args.format).map_err(|e| match &args.filename {
+        Some(f) => usage_error(format!("{f}: {e}")),
+        None => e,
+    })?;
     if wants_help(&args.options) {
         print_help(format);
         return Ok(0);
     }
+    let filename = args
+        .filename
+        .as_deref()
+        .ok_or_else(|| usage_error("Expecting image file name"))?;
     let size = args
         .size
         .as_deref()
@@ -194,7 +201,7 @@ pub async fn run(args: CreateArgs) -> CmdResult {
         format,
         &parse_option_list(&args.options)?,
         CreateArgsCommon {
-            filename: &args.filename,
+            filename,
             size,
             backing: args.backing.as_deref(),
             backing_format: args.backing_format.as_deref(),
@@ -203,9 +210,9 @@ pub async fn run(args: CreateArgs) -> CmdResult {
     )
     .await?;
     if !args.quiet {
-        println!("{}", plan.formatting_line(&args.filename));
+        println!("{}", plan.formatting_line(filename));
     }
-    plan.create(&args.filename).await?;
+    plan.create(filename).await?;
     Ok(0)
 }
 

@@ -680,3 +680,152 @@ fn invalidate_cache_rereads_what_another_process_changed() {
         assert_eq!(desc.backing_filename.as_deref(), Some("other.raw"));
     });
 }
+
+/// Format options go through each format's schema: unknown names, values of the wrong type
+/// and bad lists are refused with qemu-img's words (before "Formatting" and before any
+/// file exists), and `-o help` lists what qemu-img lists (vmimg writes no encryption).
+#[test]
+fn format_options_are_checked_like_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    let cases: &[&[&str]] = &[
+        &["create", "-f", "qcow2", "-o", "foo=bar", "x.qcow2", "1M"],
+        &[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "cluster_size=4k",
+            "x.raw",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=abc",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=maybe",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=x",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            ",cluster_size=4k",
+            "x.qcow2",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "-o", "size=2M", "x.qcow2", "1M"],
+        &["create", "-f", "qcow2", "-o", "compat=9", "x.qcow2", "1M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compression_type=lz4",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=bogus",
+            "x.qcow2",
+            "1M",
+        ],
+        &["create", "-f", "foo", "x.foo", "1M"],
+        &[
+            "create", "-f", "raw", "-b", "base", "-F", "raw", "x.raw", "1M",
+        ],
+    ];
+    for args in cases {
+        let q = qemu_img_in(d, *args);
+        let v = vmimg_in(d, *args);
+        assert_eq!(q.status, 1, "{args:?}: {q:?}");
+        assert_eq!(v.status, 1, "{args:?}: {v:?}");
+        assert_eq!(v.stdout, q.stdout, "{args:?}");
+        assert_eq!(
+            v.stderr.trim().trim_start_matches("vmimg: "),
+            q.stderr.trim().trim_start_matches("qemu-img: "),
+            "{args:?}"
+        );
+        for f in ["x.qcow2", "x.raw", "x.foo"] {
+            assert!(!d.join(f).exists(), "{args:?} left {f}");
+        }
+    }
+    // -o help: qemu-img's lines, less the encryption options vmimg does not write.
+    for fmt in ["qcow2", "raw"] {
+        let q = qemu_img(["create", "-f", fmt, "-o", "help"]).ok();
+        let v = vmimg(["create", "-f", fmt, "-o", "help"]).ok();
+        let theirs: Vec<&str> = q
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("  ") && !l.contains("encrypt"))
+            .collect();
+        let ours: Vec<&str> = v.stdout.lines().filter(|l| l.starts_with("  ")).collect();
+        if fmt == "raw" {
+            // vmimg's raw creation takes preallocation itself (qemu-img's file protocol).
+            assert!(ours.contains(&theirs[0]) && ours.len() == 2, "{}", v.stdout);
+        } else {
+            assert_eq!(ours, theirs);
+        }
+    }
+}
+
+/// amend checks its options against what the format can change, with qemu-img's words.
+#[test]
+fn amend_options_are_checked_like_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]).ok();
+    qemu_img_in(d, ["create", "-q", "-f", "raw", "a.raw", "1M"]).ok();
+    let cases: &[&[&str]] = &[
+        &["amend", "-o", "cluster_size=4k", "a.qcow2"],
+        &["amend", "-o", "foo=bar", "a.qcow2"],
+        &["amend", "-o", "backing_file=x", "a.qcow2"],
+        &["amend", "-o", "preallocation=full", "a.qcow2"],
+        &["amend", "-f", "raw", "-o", "size=2M", "a.raw"],
+    ];
+    for args in cases {
+        let before = std::fs::read(d.join(args[args.len() - 1])).unwrap();
+        let q = qemu_img_in(d, *args);
+        let v = vmimg_in(d, *args);
+        assert_eq!((q.status, v.status), (1, 1), "{args:?}");
+        assert_eq!(
+            v.stderr.trim().trim_start_matches("vmimg: "),
+            q.stderr.trim().trim_start_matches("qemu-img: "),
+            "{args:?}"
+        );
+        assert!(std::fs::read(d.join(args[args.len() - 1])).unwrap() == before);
+    }
+    let q = qemu_img(["amend", "-f", "qcow2", "-o", "help"]).ok();
+    let v = vmimg(["amend", "-f", "qcow2", "-o", "help"]).ok();
+    let theirs: Vec<&str> = q
+        .stdout
+        .lines()
+        .filter(|l| !l.contains("encrypt"))
+        .collect();
+    assert_eq!(v.stdout.lines().collect::<Vec<_>>(), theirs);
+}
