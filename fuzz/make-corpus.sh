@@ -4,6 +4,7 @@
 #   corpus/qcow2_header/     the first 4 KiB of each
 #   corpus/qcow2_model/      random operation lists (any bytes decode to a valid one)
 #   corpus/nbd_server/       NBD client streams
+#   corpus/vpc_open_read/    small VHD images (qemu-img's, and small-block ones made here)
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
 set -euo pipefail
 
@@ -119,3 +120,58 @@ for f in "$work"/*.qcow2; do
     n=$((n + 1))
 done
 echo "make-corpus.sh: $n images in $out (largest $(ls -S "$out" | head -1): $(stat -c %s "$out/$(ls -S "$out" | head -1)") bytes)"
+
+# vpc_open_read: qemu-img's empty dynamic and small fixed images, and dynamic and
+# differencing images with 4 KiB blocks (qemu-img always uses 2 MiB), written here from the
+# VHD specification.
+vpc=corpus/vpc_open_read
+mkdir -p "$vpc"
+qemu-img create -q -f vpc "$work/empty.vhd" 1M
+qemu-img create -q -f vpc -o subformat=fixed "$work/fixed.vhd" 32K
+qemu-io -f vpc -c 'write -P 0x5a 0 4k' "$work/fixed.vhd" >/dev/null
+cp "$work/empty.vhd" "$vpc/empty"
+cp "$work/fixed.vhd" "$vpc/fixed"
+python3 - "$vpc" <<'PY'
+import os, struct, sys
+out = sys.argv[1]
+def csum(b, at):
+    b = bytearray(b); b[at:at + 4] = b"\0" * 4
+    return struct.pack(">I", ~sum(b) & 0xffffffff)
+def footer(kind, size):
+    f = bytearray(512)
+    f[0:8] = b"conectix"; f[8:12] = struct.pack(">I", 2); f[12:16] = struct.pack(">I", 0x10000)
+    f[16:24] = struct.pack(">Q", 512); f[28:32] = b"qem2"; f[36:40] = b"Wi2k"
+    f[40:56] = struct.pack(">QQ", size, size); f[56:60] = struct.pack(">HBB", 65535, 16, 255)
+    f[60:64] = struct.pack(">I", kind); f[68:84] = bytes(range(16))
+    f[64:68] = csum(f, 64)
+    return bytes(f)
+def image(kind, locator=b""):
+    size, block = 64 * 1024, 4096
+    entries = size // block
+    h = bytearray(1024)
+    h[0:8] = b"cxsparse"; h[8:16] = b"\xff" * 8
+    loc_at = 1536; bat_at = loc_at + (512 if locator else 0)
+    h[16:24] = struct.pack(">Q", bat_at); h[24:28] = struct.pack(">I", 0x10000)
+    h[28:32] = struct.pack(">I", entries); h[32:36] = struct.pack(">I", block)
+    if locator:
+        h[40:56] = bytes(range(16, 32))
+        h[576:600] = b"W2ru" + struct.pack(">III", 512, len(locator), 0) + struct.pack(">Q", loc_at)
+    h[36:40] = csum(h, 36)
+    bat = [0xffffffff] * entries
+    blocks = bytearray()
+    first = (bat_at + entries * 4 + 511) // 512
+    for i, (b, fill) in enumerate([(0, 0x11), (5, 0x22)]):
+        bat[b] = first + i * (1 + block // 512)
+        bitmap = bytearray(512); bitmap[0] = 0xff if kind == 3 else 0xf0
+        blocks += bitmap + bytes([fill]) * block
+    body = footer(kind, size) + bytes(h) + locator.ljust(512 if locator else 0, b"\0")
+    body += struct.pack(">%dI" % entries, *bat)
+    body = body.ljust(first * 512, b"\xff") + blocks + footer(kind, size)
+    return body
+seeds = {"dynamic4k": image(3), "diff4k": image(4, "base.vhd".encode("utf-16-le"))}
+for name, data in seeds.items():
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        open(path, "wb").write(data)
+PY
+echo "make-corpus.sh: $(ls "$vpc" | wc -l) images in $vpc"

@@ -46,6 +46,7 @@ pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod vpc;
 
 pub use error::{Error, ErrorKind, Result};
 pub use format::{

@@ -238,6 +238,9 @@ pub struct BackingName {
     pub name: String,
     /// Its format, if the image records one (probed otherwise).
     pub format: Option<String>,
+    /// The identity the backing image must have ([`FormatDriver::unique_id`]), if the
+    /// image records one (a VHD parent's UUID): another file is refused.
+    pub expected_id: Option<Vec<u8>>,
 }
 
 /// A disk-image format, by name: a handle on its [`ImageFormat`] entry points.

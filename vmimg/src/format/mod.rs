@@ -301,6 +301,12 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// An identity an overlay records of its backing file, to check that the file found is
+    /// its parent (a VHD's UUID). `None` by default.
+    fn unique_id(&self) -> Option<Vec<u8>> {
+        None
+    }
+
     /// The driver as `Any`, for tests and diagnostics; format-specific operations are
     /// methods of this trait, not downcasts.
     fn as_any(&self) -> &dyn std::any::Any;

@@ -147,10 +147,6 @@ const PROBES: &[Probe] = &[
         score: |b, _| if b.starts_with(CLOOP_MAGIC) { 2 } else { 0 },
     },
     Probe {
-        name: "vpc",
-        score: |b, _| magic(b, b"conectix"),
-    },
-    Probe {
         name: "vmdk",
         score: |b, _| {
             if b.starts_with(b"KDMV") || b.starts_with(b"COWD") || vmdk_text(b) {

@@ -395,6 +395,8 @@ pub(crate) async fn open_chain(
     let mut layers: Vec<Arc<dyn FormatDriver>> = Vec::new();
     let mut seen: Vec<PathBuf> = Vec::new();
     let mut current = Some((storage, format));
+    // The identity the layer about to be opened must have (its overlay recorded one).
+    let mut expected_id: Option<Vec<u8>> = None;
     while let Some((storage, format)) = current.take() {
         let top = layers.is_empty();
         if layers.len() >= opts.max_chain_depth {
@@ -464,6 +466,15 @@ pub(crate) async fn open_chain(
             // An explicit backing image replaces whatever the image names.
             return Ok(Image::from_driver(opened.driver, Some(b.clone())));
         }
+        if let Some(want) = expected_id.take() {
+            if opened.driver.unique_id().as_ref() != Some(&want) {
+                return Err(layer_err(Error::new(
+                    ErrorKind::InvalidFormat,
+                    "the backing file is not the parent its overlay was made from (its \
+                     identity differs)",
+                )));
+            }
+        }
         layers.push(opened.driver);
         if top && opts.no_backing {
             break;
@@ -484,6 +495,7 @@ pub(crate) async fn open_chain(
                 .map(Format::from_name)
                 .transpose()?;
             current = Some((file, backing_format));
+            expected_id = backing.expected_id;
         }
     }
     Ok(Image::from_layers(layers, true))

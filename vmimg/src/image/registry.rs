@@ -8,13 +8,15 @@ use crate::storage::{Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 
 /// Every format vmimg implements.
-pub static FORMATS: &[Format] = &[crate::raw::RAW, crate::qcow2::QCOW2];
+pub static FORMATS: &[Format] = &[crate::raw::RAW, crate::qcow2::QCOW2, crate::vpc::VPC];
 
 impl Format {
     /// Raw: guest offset equals file offset.
     pub const RAW: Format = crate::raw::RAW;
     /// QEMU's copy-on-write format, versions 2 and 3.
     pub const QCOW2: Format = crate::qcow2::QCOW2;
+    /// VHD (QEMU's `vpc`): fixed, dynamic and differencing disks.
+    pub const VPC: Format = crate::vpc::VPC;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {

@@ -137,6 +137,7 @@ async fn open_layer(layer: LayerOpen<'_>) -> Result<OpenedLayer> {
     let backing = header.backing_file.clone().map(|name| BackingName {
         name,
         format: header.backing_format.clone(),
+        expected_id: None,
     });
     let driver = Qcow2Driver::open(Qcow2Params {
         file: Arc::clone(&storage),
