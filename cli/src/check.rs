@@ -73,9 +73,15 @@ pub async fn run(args: CheckArgs) -> CmdResult {
 
     let entry = format.entry();
     let first = match entry.check(&storage, repair).await {
+        // Formats checked through the open image (their files named by the image).
         Err(e) if e.kind() == ErrorKind::Unsupported => {
-            eprintln!("vmimg: {e}");
-            return Ok(NOT_SUPPORTED);
+            match check_open(&args, format, repair).await {
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    eprintln!("vmimg: {e}");
+                    return Ok(NOT_SUPPORTED);
+                }
+                r => r?,
+            }
         }
         r => r?,
     };
@@ -113,6 +119,30 @@ pub async fn run(args: CheckArgs) -> CmdResult {
         return Ok(1);
     }
     Ok(exit_status(&report))
+}
+
+/// Checks an image through its open driver ([`vmimg::FormatDriver::check`]): read-only,
+/// without its backing chain. Repairs are refused here.
+async fn check_open(
+    args: &CheckArgs,
+    format: Format,
+    repair: Repair,
+) -> Result<CheckReport, vmimg::Error> {
+    if repair != Repair::None {
+        return Err(vmimg::Error::new(
+            ErrorKind::Unsupported,
+            "This image format does not support checks",
+        ));
+    }
+    let opts = vmimg::OpenOptions::new()
+        .force_share(args.force_share)
+        .no_backing(true);
+    let image = vmimg::ImageOpen::path(&args.filename)
+        .options(opts)
+        .format(format)
+        .open()
+        .await?;
+    image.driver().check(repair).await
 }
 
 /// Prints what the check found on stderr (as qemu-img does while checking); the exit

@@ -484,7 +484,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
             dst.size()
         )));
     }
-    if args.compress {
+    if args.compress || dst.needs_compressed_writes() {
         let sources: Vec<(Image, u64)> = {
             let mut base = 0;
             sources

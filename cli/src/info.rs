@@ -82,6 +82,38 @@ fn snapshot_json(s: &SnapshotInfo) -> Value {
     Value::Object(m)
 }
 
+/// One of qemu-img's child nodes: a file of the image.
+fn child_json(name: &str, storage: &dyn vmimg::Storage, filename: &str, actual: u64) -> Value {
+    // QEMU counts the file in whole 512-byte sectors.
+    let file_len = storage.size().unwrap_or(0).div_ceil(512) * 512;
+    json!({
+        "name": name,
+        "info": {
+            "children": [],
+            "virtual-size": file_len,
+            "filename": filename,
+            "format": protocol(storage),
+            "actual-size": actual,
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false
+        }
+    })
+}
+
+/// One of qemu-img's child nodes, as text.
+fn child_human(name: &str, storage: &dyn vmimg::Storage, filename: &str) -> String {
+    let file_len = storage.size().unwrap_or(0).div_ceil(512) * 512;
+    let disk = storage
+        .allocated_size()
+        .map(human_size)
+        .unwrap_or_else(|| "unavailable".into());
+    format!(
+        "Child node '/{name}':\n    filename: {filename}\n    protocol type: {}\n    file length: {} ({file_len} bytes)\n    disk size: {disk}",
+        protocol(storage),
+        human_size(file_len)
+    )
+}
+
 /// QEMU's protocol driver name for the image's medium.
 fn protocol(storage: &dyn vmimg::Storage) -> &'static str {
     if storage.is_block_device() {
@@ -95,25 +127,25 @@ fn protocol(storage: &dyn vmimg::Storage) -> &'static str {
 pub fn info_json(image: &Image, filename: &str) -> Value {
     let desc = image.describe();
     let storage = image.driver().storage();
-    // QEMU counts the file in whole 512-byte sectors.
-    let file_len = storage.size().unwrap_or(0).div_ceil(512) * 512;
     let actual = desc.actual_size.unwrap_or(0);
     let mut m = Map::new();
-    m.insert(
-        "children".into(),
-        json!([{
-            "name": "file",
-            "info": {
-                "children": [],
-                "virtual-size": file_len,
-                "filename": filename,
-                "format": protocol(storage),
-                "actual-size": actual,
-                "format-specific": {"type": "file", "data": {}},
-                "dirty-flag": false
-            }
-        }]),
-    );
+    let mut children: Vec<Value> = desc
+        .children
+        .iter()
+        .rev()
+        .map(|c| {
+            let path = c.storage.path().map(|p| p.display().to_string());
+            child_json(
+                &c.name,
+                c.storage.as_ref(),
+                &path.unwrap_or_default(),
+                c.storage.allocated_size().unwrap_or(0),
+            )
+        })
+        .collect();
+    let own = storage.allocated_size().unwrap_or(0);
+    children.push(child_json("file", storage, filename, own));
+    m.insert("children".into(), Value::Array(children));
     if let Some(f) = &desc.backing_format {
         m.insert("backing-filename-format".into(), json!(f));
     }
@@ -208,8 +240,6 @@ pub fn snapshot_table(snapshots: &[SnapshotInfo]) -> String {
 pub fn info_human(image: &Image, filename: &str) -> String {
     let desc = image.describe();
     let storage = image.driver().storage();
-    // QEMU counts the file in whole 512-byte sectors.
-    let file_len = storage.size().unwrap_or(0).div_ceil(512) * 512;
     let disk = desc
         .actual_size
         .map(human_size)
@@ -243,11 +273,12 @@ pub fn info_human(image: &Image, filename: &str) -> String {
         s += "Format specific information:\n";
         s += &f.human(4);
     }
-    s += &format!(
-        "Child node '/file':\n    filename: {filename}\n    protocol type: {}\n    file length: {} ({file_len} bytes)\n    disk size: {disk}",
-        protocol(storage),
-        human_size(file_len)
-    );
+    for c in desc.children.iter().rev() {
+        let path = c.storage.path().map(|p| p.display().to_string());
+        s += &child_human(&c.name, c.storage.as_ref(), &path.unwrap_or_default());
+        s.push('\n');
+    }
+    s += &child_human("file", storage, filename);
     s
 }
 

@@ -38,6 +38,7 @@
 
 #![warn(missing_docs)]
 
+mod cpu;
 mod error;
 pub mod format;
 pub mod image;
@@ -46,6 +47,7 @@ pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod vmdk;
 pub mod vpc;
 
 pub use error::{Error, ErrorKind, Result};

@@ -34,7 +34,7 @@ pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, Poli
 #[cfg(test)]
 pub(crate) use probe::CLOOP_MAGIC;
 pub use probe::PROBE_BYTES;
-pub(crate) use probe::{best, foreign_names, foreign_scores, probe_buffer};
+pub(crate) use probe::{best, foreign_names, foreign_scores, probe_buffer, vmdk_text};
 
 use crate::storage::{BoxFuture, PreallocMode, Storage};
 use crate::{Error, ErrorKind, Result};
@@ -189,6 +189,18 @@ pub struct ImageDescription {
     pub bitmaps: Vec<BitmapInfo>,
     /// Format-specific facts (qemu-img's "Format specific information").
     pub format_specific: Option<FormatSpecific>,
+    /// Files of the image other than its own (a VMDK's extents), as qemu-img's child
+    /// nodes.
+    pub children: Vec<ChildFile>,
+}
+
+/// A file an image is made of besides its own, as `info` lists it.
+#[derive(Clone, Debug)]
+pub struct ChildFile {
+    /// qemu-img's node name (`extents.0`).
+    pub name: String,
+    /// The file.
+    pub storage: std::sync::Arc<dyn Storage>,
 }
 
 /// A format driver: maps guest ranges of one image layer and changes its metadata.
@@ -307,6 +319,26 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// Whether every write must go through [`FormatDriver::write_compressed`] (a
+    /// stream-optimized VMDK): copies then write whole clusters compressed.
+    fn needs_compressed_writes(&self) -> bool {
+        false
+    }
+
+    /// Checks a format checked through its open image (VMDK, whose extents the image
+    /// names), with qemu-img check's counts; `repair` as asked. Formats checked from their
+    /// file alone ([`ImageFormat::check`]) and formats without a check say
+    /// [`ErrorKind::Unsupported`].
+    fn check(&self, repair: Repair) -> BoxFuture<'_, Result<CheckReport>> {
+        let _ = repair;
+        Box::pin(async {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "This image format does not support checks",
+            ))
+        })
+    }
+
     /// The driver as `Any`, for tests and diagnostics; format-specific operations are
     /// methods of this trait, not downcasts.
     fn as_any(&self) -> &dyn std::any::Any;
@@ -363,6 +395,22 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
             filename: storage.path().map(|p| p.display().to_string()),
             actual_size: storage.allocated_size(),
             ..ImageDescription::default()
+        }
+    }
+}
+
+/// Fills `buf` with random bytes for identifiers (image UUIDs, content IDs): from
+/// `/dev/urandom`, or from the clock where it cannot be read.
+pub(crate) fn random_bytes(buf: &mut [u8]) {
+    use std::io::Read;
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf));
+    if random.is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+            .to_le_bytes();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = t[i % t.len()] ^ (i as u8).wrapping_mul(151);
         }
     }
 }

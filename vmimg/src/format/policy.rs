@@ -18,6 +18,8 @@ pub enum ImplicitOpenKind {
     BackingFile,
     /// The image names an external data file.
     DataFile,
+    /// The image's descriptor names one of its extents (VMDK).
+    Extent,
 }
 
 impl fmt::Display for ImplicitOpenKind {
@@ -25,6 +27,7 @@ impl fmt::Display for ImplicitOpenKind {
         f.write_str(match self {
             ImplicitOpenKind::BackingFile => "backing file",
             ImplicitOpenKind::DataFile => "data file",
+            ImplicitOpenKind::Extent => "extent file",
         })
     }
 }

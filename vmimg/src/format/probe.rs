@@ -65,7 +65,7 @@ pub(crate) const CLOOP_MAGIC: &[u8] =
 
 /// vmdk's text descriptor: after comment lines (`#...`) and lines of spaces, the first line
 /// must be `version=1`, `2` or `3`, ended by LF or CRLF. An empty line stops the search.
-fn vmdk_text(b: &[u8]) -> bool {
+pub(crate) fn vmdk_text(b: &[u8]) -> bool {
     let mut p = 0usize;
     while p < b.len() {
         match b[p] {
@@ -145,16 +145,6 @@ const PROBES: &[Probe] = &[
     Probe {
         name: "cloop",
         score: |b, _| if b.starts_with(CLOOP_MAGIC) { 2 } else { 0 },
-    },
-    Probe {
-        name: "vmdk",
-        score: |b, _| {
-            if b.starts_with(b"KDMV") || b.starts_with(b"COWD") || vmdk_text(b) {
-                100
-            } else {
-                0
-            }
-        },
     },
     Probe {
         name: "vhdx",

@@ -398,6 +398,12 @@ impl Image {
         ChainView::new(&self.inner.layers[1..])
     }
 
+    /// Whether writes must be whole clusters through [`Image::write_compressed`] (a
+    /// stream-optimized VMDK): copies into this image then compress every cluster.
+    pub fn needs_compressed_writes(&self) -> bool {
+        self.top().needs_compressed_writes()
+    }
+
     /// The format's cluster size, if it has clusters.
     pub fn cluster_size(&self) -> Option<u64> {
         self.top().cluster_size()

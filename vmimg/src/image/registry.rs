@@ -8,7 +8,12 @@ use crate::storage::{Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 
 /// Every format vmimg implements.
-pub static FORMATS: &[Format] = &[crate::raw::RAW, crate::qcow2::QCOW2, crate::vpc::VPC];
+pub static FORMATS: &[Format] = &[
+    crate::raw::RAW,
+    crate::qcow2::QCOW2,
+    crate::vpc::VPC,
+    crate::vmdk::VMDK,
+];
 
 impl Format {
     /// Raw: guest offset equals file offset.
@@ -17,6 +22,8 @@ impl Format {
     pub const QCOW2: Format = crate::qcow2::QCOW2;
     /// VHD (QEMU's `vpc`): fixed, dynamic and differencing disks.
     pub const VPC: Format = crate::vpc::VPC;
+    /// VMDK: VMware's sparse, flat, split and stream-optimized disks.
+    pub const VMDK: Format = crate::vmdk::VMDK;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {
@@ -24,7 +31,7 @@ impl Format {
     }
 
     /// Looks a format up by qemu-img's name. Formats QEMU knows that vmimg cannot open yet
-    /// are refused with [`ErrorKind::Unsupported`] ("format 'vmdk' is not supported"); names
+    /// are refused with [`ErrorKind::Unsupported`] ("format 'vhdx' is not supported"); names
     /// nobody knows with QEMU's "Unknown driver" message.
     pub fn from_name(name: &str) -> Result<Self> {
         if let Some(f) = FORMATS.iter().find(|f| f.name() == name) {

@@ -757,6 +757,7 @@ impl FormatDriver for Qcow2Driver {
                 .collect(),
             bitmaps: bitmap_infos(&tables),
             format_specific: Some(self.specific(&tables)),
+            children: Vec::new(),
         }
     }
 }

@@ -206,16 +206,8 @@ fn vhd_now() -> u32 {
 
 /// A random (version 4) UUID.
 pub fn new_uuid() -> [u8; 16] {
-    use std::io::Read;
     let mut id = [0u8; 16];
-    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut id));
-    if random.is_err() {
-        // No /dev/urandom: the time in nanoseconds, unique enough for an image ID.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        id.copy_from_slice(&t.to_le_bytes());
-    }
+    crate::format::random_bytes(&mut id);
     id[6] = (id[6] & 0x0f) | 0x40;
     id[8] = (id[8] & 0x3f) | 0x80;
     id
