@@ -5,6 +5,8 @@
 #   corpus/qcow2_model/      random operation lists (any bytes decode to a valid one)
 #   corpus/nbd_server/       NBD client streams
 #   corpus/vpc_open_read/    small VHD images (qemu-img's, and small-block ones made here)
+#   corpus/vmdk_open_read/   small VMDK files (qemu-img's sparse, stream and descriptor files,
+#                            and a VMware-style stream and a COWD extent made here)
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
 set -euo pipefail
 
@@ -175,3 +177,72 @@ for name, data in seeds.items():
         open(path, "wb").write(data)
 PY
 echo "make-corpus.sh: $(ls "$vpc" | wc -l) images in $vpc"
+
+# vmdk_open_read: qemu-img's sparse and stream files with a little data (small grains are
+# not possible with qemu-img: its grains are 64 KiB), a flat descriptor, and, written here
+# from the format's documentation, a VMware stream with its footer and a COWD descriptor
+# whose extent is the same input (the target resolves every extent to the input).
+vmdk=corpus/vmdk_open_read
+mkdir -p "$vmdk"
+qemu-img create -q -f vmdk "$work/sparse.vmdk" 1M
+qemu-io -f vmdk -c 'write -P 0x5a 0 4k' -c 'write -P 0x6b 512k 4k' "$work/sparse.vmdk" >/dev/null
+qemu-img create -q -f vmdk -o zeroed_grain=on "$work/zeroed.vmdk" 256K
+qemu-io -f vmdk -c 'write -P 1 0 4k' -c 'write -z 64k 64k' "$work/zeroed.vmdk" >/dev/null
+head -c 196608 /dev/urandom | tr '\000-\377' '\000-\017' > "$work/low.raw"
+qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$work/low.raw" "$work/stream.vmdk"
+qemu-img create -q -f vmdk -o subformat=monolithicFlat "$work/flat.vmdk" 64K
+for f in sparse zeroed stream flat; do
+    cp "$work/$f.vmdk" "$vmdk/$f"
+done
+python3 - "$vmdk" "$work/stream.vmdk" <<'PY'
+import os, struct, sys
+out, qstream = sys.argv[1], sys.argv[2]
+# The first compressed grain of qemu-img's stream, reused as a VMware stream's only grain.
+q = open(qstream, "rb").read()
+gd = struct.unpack_from("<Q", q, 56)[0]
+gt = struct.unpack_from("<I", q, gd * 512)[0]
+g0 = struct.unpack_from("<I", q, gt * 512)[0]
+size = struct.unpack_from("<I", q, g0 * 512 + 8)[0]
+grain = q[g0 * 512: g0 * 512 + 12 + size]
+def header(gd_off):
+    h = bytearray(512)
+    h[0:4] = b"KDMV"
+    struct.pack_into("<IIQQQQIQQQ", h, 4, 3, 0x30001, 128, 128, 1, 2, 512, 0, gd_off, 3)
+    h[73:77] = b"\n \r\n"; struct.pack_into("<H", h, 77, 1)
+    return bytes(h)
+desc = b'# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType="streamOptimized"\nRW 128 SPARSE "s.vmdk"\n'
+body = bytearray(header(0xFFFFFFFFFFFFFFFF) + desc.ljust(1024, b"\0"))
+g_at = len(body) // 512
+body += grain.ljust((len(grain) + 511) // 512 * 512, b"\0")
+def marker(kind, sectors):
+    m = bytearray(512); struct.pack_into("<QII", m, 0, sectors, 0, kind); return bytes(m)
+gt_at = len(body) // 512 + 1
+body += marker(1, 4) + struct.pack("<I", g_at).ljust(2048, b"\0")
+gd_at = len(body) // 512 + 1
+body += marker(2, 1) + struct.pack("<I", gt_at).ljust(512, b"\0")
+body += marker(3, 1) + header(gd_at) + bytes(512)
+open(os.path.join(out, "vmware-stream"), "wb").write(bytes(body))
+# Descriptors followed (after a NUL, at the next sector) by the extent every name
+# resolves to in the target: a COWD extent (16 sectors, grain 8, one grain of 0x77), and
+# an SESparse extent (constant header, volatile header, one grain table, one grain).
+c = bytearray(4096)
+c[0:4] = b"COWD"
+struct.pack_into("<IIIIIII", c, 4, 1, 3, 16, 8, 4, 1, 7)
+struct.pack_into("<I", c, 4 * 512, 5)
+struct.pack_into("<I", c, 5 * 512, 6)
+c[6 * 512: 7 * 512] = b"\x77" * 512
+d = b'# Disk DescriptorFile\nversion=1\nCID=2\nparentCID=ffffffff\ncreateType="vmfsSparse"\nRW 16 VMFSSPARSE "x.vmdk"\nRW 8 ZERO\nRDONLY 4 FLAT "y" 0\n'
+open(os.path.join(out, "cowd"), "wb").write(d.ljust(512, b"\0") + bytes(c))
+s = bytearray(2 * 512 + 8 * 512 + 32768 + 4096)
+struct.pack_into("<QQQQQQ", s, 0, 0xCAFEBABE, 0x200000001, 64, 8, 64, 0)
+# volatile header at sector 1; GD at sector 2 (1 sector); GTs at 3; grains at 67
+struct.pack_into("<QQQQQQQQQQ", s, 80, 1, 1, 0, 0, 0, 0, 2, 1, 3, 64)
+struct.pack_into("<QQQQQQ", s, 160, 0, 0, 0, 0, 67, 8)
+struct.pack_into("<Q", s, 512, 0xCAFECAFE)
+struct.pack_into("<Q", s, 1024, 0x1000000000000000)
+struct.pack_into("<QQ", s, 3 * 512, 0x3000000000000000, 0x2000000000000000)
+s[67 * 512: 68 * 512] = b"\x42" * 512
+d = b'# Disk DescriptorFile\nversion=1\nCID=3\nparentCID=ffffffff\ncreateType="seSparse"\nRW 64 SESPARSE "x-sesparse.vmdk"\n'
+open(os.path.join(out, "sesparse"), "wb").write(d.ljust(512, b"\0") + bytes(s))
+PY
+echo "make-corpus.sh: $(ls "$vmdk" | wc -l) images in $vmdk"

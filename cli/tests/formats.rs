@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 /// Formats vmimg reads and writes.
-const FORMATS: &[&str] = &["raw", "qcow2", "vpc"];
+const FORMATS: &[&str] = &["raw", "qcow2", "vpc", "vmdk"];
 
 #[test]
 fn convert_between_any_two_formats() {
@@ -97,4 +97,45 @@ fn chains_across_formats_read_through() {
         r.ok().stdout
     };
     assert_eq!(map("v"), map("q"));
+}
+
+/// A qcow2 overlay over a split VMDK (a descriptor and its extents): reads go through the
+/// extents, maps agree with qemu-img's.
+#[test]
+fn qcow2_over_a_split_vmdk_reads_through() {
+    let dir = tempdir();
+    let d = dir.path();
+    let o = "subformat=twoGbMaxExtentSparse";
+    qemu_img_in(
+        d,
+        ["create", "-q", "-f", "vmdk", "-o", o, "base.vmdk", "3G"],
+    )
+    .ok();
+    qemu_io_in(
+        d,
+        ["-f", "vmdk", "-c", "write -P 0x11 2047M 2M", "base.vmdk"],
+    )
+    .ok();
+    let b = ["-b", "base.vmdk", "-F", "vmdk"];
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend(b);
+    args.push("top.qcow2");
+    vmimg_in(d, &args).ok();
+    vmimg_in(d, ["io", "-c", "write -P 0x22 2048M 64k", "top.qcow2"]).ok();
+    qemu_io_in(
+        d,
+        [
+            "-c",
+            "read -P 0x11 2047M 1M",
+            "-c",
+            "read -P 0x22 2048M 64k",
+            "-c",
+            "read -P 0x11 2147549184 983040",
+            "top.qcow2",
+        ],
+    )
+    .ok();
+    let q = qemu_img_in(d, ["map", "--output=json", "top.qcow2"]).ok();
+    let v = vmimg_in(d, ["map", "--output=json", "top.qcow2"]).ok();
+    assert_eq!(v.stdout, q.stdout);
 }

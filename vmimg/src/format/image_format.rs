@@ -98,7 +98,7 @@ pub trait ImageFormat: Send + Sync + 'static {
         Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "Format driver '{}' does not support size measurement",
+                "Block driver '{}' does not support size measurement",
                 self.name()
             ),
         ))

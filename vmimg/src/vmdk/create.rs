@@ -131,6 +131,29 @@ impl Subformat {
 }
 
 /// Builder for new VMDK images.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> vmimg::Result<()> {
+/// use vmimg::vmdk::{Subformat, VmdkCreate};
+/// use vmimg::{Format, ImageOpen};
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("disk.vmdk");
+/// // A split disk: disk.vmdk (the descriptor), disk-s001.vmdk, disk-s002.vmdk.
+/// VmdkCreate::new(3 << 30)
+///     .subformat(Subformat::TwoGbMaxExtentSparse)
+///     .create(&path)
+///     .await?;
+/// let image = ImageOpen::path(&path)
+///     .format(Format::VMDK)
+///     .writable(true)
+///     .open()
+///     .await?;
+/// image.write(2 << 30, b"crosses into the second extent").await?;
+/// image.flush().await?;
+/// assert_eq!(image.size(), 3 << 30);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct VmdkCreate {
     size: u64,
@@ -309,6 +332,25 @@ impl VmdkCreate {
             }
         }
         result
+    }
+
+    /// Writes a one-file image (monolithicSparse or streamOptimized, without a parent)
+    /// over `file`, named `name` in its descriptor; other subformats need files beside it
+    /// ([`VmdkCreate::create`]).
+    pub async fn create_on(&self, file: &dyn Storage, name: &str) -> Result<()> {
+        if !matches!(
+            self.subformat,
+            Subformat::MonolithicSparse | Subformat::StreamOptimized
+        ) || self.parent.is_some()
+        {
+            return Err(invalid(
+                "only one-file images without a parent can be written to a storage",
+            ));
+        }
+        let sectors = self.size.div_ceil(SECTOR);
+        let text = self.descriptor(NO_PARENT, vec![(sectors, "SPARSE", name.into(), None)]);
+        write_sparse(file, sectors, self.header_flags(), Some(&text)).await?;
+        file.sync().await
     }
 
     fn header_flags(&self) -> (u32, u32, u16) {

@@ -853,9 +853,10 @@ impl FormatDriver for VmdkDriver {
                         ))
                     }
                     Grain::At(sector) => {
-                        // In place: a new zeroed grain would leak this one.
+                        // In place (a hole in the file where unmapping is allowed): a new
+                        // zeroed entry, as QEMU makes, would leak this grain for good.
                         s.file
-                            .write_zeroes(sector * SECTOR + gin, piece, false)
+                            .write_zeroes(sector * SECTOR + gin, piece, may_unmap)
                             .await?;
                     }
                     Grain::Unallocated if below.is_empty() && !s.zeroed_grain => {}

@@ -132,10 +132,11 @@ impl SparseExtent {
         if h.gtes_per_gt > 512 {
             return Err(invalid("L2 table size too big"));
         }
-        let gt_cover = u64::from(h.gtes_per_gt) * h.grain_size;
-        if h.gtes_per_gt == 0 || h.grain_size == 0 || gt_cover > u64::from(u32::MAX) {
-            return Err(invalid("L1 entry size is invalid"));
-        }
+        // QEMU keeps the sectors one table covers in 32 bits.
+        let gt_cover = u64::from(h.gtes_per_gt)
+            .checked_mul(h.grain_size)
+            .filter(|&c| c != 0 && c <= u64::from(u32::MAX))
+            .ok_or_else(|| invalid("L1 entry size is invalid"))?;
         if h.grain_size > MAX_GRAIN_SECTORS {
             return Err(invalid("Invalid granularity, image may be corrupt"));
         }
@@ -688,7 +689,7 @@ impl SeSparseExtent {
             .ok_or_else(|| invalid("Bad volatile header magic"))?;
         file.read_at(vat, &mut vol).await?;
         super::header::check_sesparse_volatile(&vol)?;
-        let entries = h.gd_size.checked_mul(SECTOR / 8).unwrap_or(u64::MAX);
+        let entries = h.gd_size.saturating_mul(SECTOR / 8);
         let needed = h.capacity.div_ceil(SES_GTES * SESPARSE_GRAIN);
         if entries < needed || entries > MAX_GD_ENTRIES {
             return Err(invalid(format!(
@@ -752,7 +753,12 @@ impl SeSparseExtent {
                 let sector = cluster
                     .checked_mul(SESPARSE_GRAIN)
                     .and_then(|s| s.checked_add(self.grains_offset))
-                    .filter(|s| s.checked_mul(SECTOR).is_some())
+                    // The whole grain must be addressable.
+                    .filter(|s| {
+                        s.checked_mul(SECTOR)
+                            .and_then(|b| b.checked_add(SESPARSE_GRAIN * SECTOR))
+                            .is_some()
+                    })
                     .ok_or_else(|| {
                         corrupt(format!("invalid SESparse grain entry 0x{entry:016x}"))
                     })?;
