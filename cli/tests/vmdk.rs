@@ -265,8 +265,16 @@ fn twin_workloads_match_qemu_io() {
         for f in std::fs::read_dir(d).unwrap() {
             std::fs::remove_file(f.unwrap().path()).unwrap();
         }
-        qemu_img_in(d, ["create", "-q", "-f", "vmdk", "-o", opts, "q.vmdk", "24M"]).ok();
-        vmimg_in(d, ["create", "-q", "-f", "vmdk", "-o", opts, "v.vmdk", "24M"]).ok();
+        qemu_img_in(
+            d,
+            ["create", "-q", "-f", "vmdk", "-o", opts, "q.vmdk", "24M"],
+        )
+        .ok();
+        vmimg_in(
+            d,
+            ["create", "-q", "-f", "vmdk", "-o", opts, "v.vmdk", "24M"],
+        )
+        .ok();
         let mut rng = fastrand::Rng::with_seed(40 + i as u64);
         let mut q = vec!["-f".to_string(), "vmdk".into()];
         let mut v = vec!["io".to_string(), "-f".into(), "vmdk".into()];
@@ -279,11 +287,22 @@ fn twin_workloads_match_qemu_io() {
         v.push("v.vmdk".into());
         let qo = qemu_io_in(d, &q).ok();
         let vo = vmimg_in(d, &v).ok();
-        assert_eq!(io_data_lines(&vo.stdout), io_data_lines(&qo.stdout), "{opts}");
-        qemu_img_in(d, ["compare", "-f", "vmdk", "-F", "vmdk", "q.vmdk", "v.vmdk"]).ok();
+        assert_eq!(
+            io_data_lines(&vo.stdout),
+            io_data_lines(&qo.stdout),
+            "{opts}"
+        );
+        qemu_img_in(
+            d,
+            ["compare", "-f", "vmdk", "-F", "vmdk", "q.vmdk", "v.vmdk"],
+        )
+        .ok();
         for img in ["q.vmdk", "v.vmdk"] {
             let c = qemu_img_in(d, ["check", "-f", "vmdk", img]).ok();
-            assert_eq!(c.stdout, "No errors were found on the image.\n", "{opts} {img}");
+            assert_eq!(
+                c.stdout, "No errors were found on the image.\n",
+                "{opts} {img}"
+            );
         }
         // What QEMU wrote, read here, byte for byte as qemu-img reads it.
         qemu_img_in(d, ["convert", "-O", "raw", "q.vmdk", "by-qemu.raw"]).ok();
@@ -297,13 +316,32 @@ fn twin_workloads_match_qemu_io() {
 fn a_vmdk_naming_itself_as_parent_is_refused() {
     let dir = tempdir();
     let d = dir.path();
-    vmimg_in(d, ["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "a.vmdk", "1M"])
-        .ok();
+    vmimg_in(
+        d,
+        [
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "a.vmdk",
+            "1M",
+        ],
+    )
+    .ok();
     let text = std::fs::read_to_string(d.join("a.vmdk")).unwrap();
-    let cid = text.lines().find_map(|l| l.strip_prefix("CID=")).unwrap().to_string();
+    let cid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CID="))
+        .unwrap()
+        .to_string();
     let text = text
         .replace("parentCID=ffffffff", &format!("parentCID={cid}"))
-        .replace("createType=\"monolithicFlat\"\n", "createType=\"monolithicFlat\"\nparentFileNameHint=\"a.vmdk\"\n");
+        .replace(
+            "createType=\"monolithicFlat\"\n",
+            "createType=\"monolithicFlat\"\nparentFileNameHint=\"a.vmdk\"\n",
+        );
     std::fs::write(d.join("a.vmdk"), text).unwrap();
     let r = vmimg_in(d, ["io", "-c", "read 0 512", "a.vmdk"]).expect_status(1);
     assert!(r.stderr.contains("loop"), "{}", r.stderr);
@@ -477,7 +515,12 @@ fn stream_optimized_images_are_written_once() {
     compare_files(&d.join("back.raw"), &d.join("src.raw")).unwrap();
     // No larger than 1.1x qemu-img's.
     let len = |n: &str| std::fs::metadata(d.join(n)).unwrap().len();
-    assert!(len("v.vmdk") * 10 <= len("q.vmdk") * 11, "{} vs {}", len("v.vmdk"), len("q.vmdk"));
+    assert!(
+        len("v.vmdk") * 10 <= len("q.vmdk") * 11,
+        "{} vs {}",
+        len("v.vmdk"),
+        len("q.vmdk")
+    );
 }
 
 /// check as qemu-img: clean images pass; a grain past the end of its file fails with
