@@ -5,6 +5,7 @@
 #   corpus/qcow2_model/      random operation lists (any bytes decode to a valid one)
 #   corpus/nbd_server/       NBD client streams
 #   corpus/vpc_open_read/    small VHD images (qemu-img's, and small-block ones made here)
+#   corpus/vdi_open_read/    small VDI images (qemu-img's, empty and with a block)
 #   corpus/vmdk_open_read/   small VMDK files (qemu-img's sparse, stream and descriptor files,
 #                            and a VMware-style stream and a COWD extent made here)
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
@@ -246,3 +247,15 @@ d = b'# Disk DescriptorFile\nversion=1\nCID=3\nparentCID=ffffffff\ncreateType="s
 open(os.path.join(out, "sesparse"), "wb").write(d.ljust(512, b"\0") + bytes(s))
 PY
 echo "make-corpus.sh: $(ls "$vmdk" | wc -l) images in $vmdk"
+
+# vdi_open_read: qemu-img's empty dynamic image and one with a block written (blocks are
+# always 1 MiB, so seeds with data are that large).
+vdi=corpus/vdi_open_read
+mkdir -p "$vdi"
+qemu-img create -q -f vdi "$work/empty.vdi" 3M
+qemu-img create -q -f vdi "$work/data.vdi" 3M
+qemu-io -f vdi -c 'write -P 0x5a 2M 4k' "$work/data.vdi" >/dev/null
+for f in empty data; do
+    cp "$work/$f.vdi" "$vdi/$f"
+done
+echo "make-corpus.sh: $(ls "$vdi" | wc -l) images in $vdi"

@@ -47,6 +47,7 @@ pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
+pub mod vdi;
 pub mod vmdk;
 pub mod vpc;
 

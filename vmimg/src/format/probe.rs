@@ -151,10 +151,6 @@ const PROBES: &[Probe] = &[
         score: |b, _| magic(b, b"vhdxfile"),
     },
     Probe {
-        name: "vdi",
-        score: |b, _| if le32(b, 0x40) == 0xbeda_107f { 100 } else { 0 },
-    },
-    Probe {
         name: "qcow",
         score: |b, _| {
             if b.starts_with(b"QFI\xfb") && be32(b, 4) == 1 {

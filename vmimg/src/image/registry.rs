@@ -13,6 +13,7 @@ pub static FORMATS: &[Format] = &[
     crate::qcow2::QCOW2,
     crate::vpc::VPC,
     crate::vmdk::VMDK,
+    crate::vdi::VDI,
 ];
 
 impl Format {
@@ -24,6 +25,8 @@ impl Format {
     pub const VPC: Format = crate::vpc::VPC;
     /// VMDK: VMware's sparse, flat, split and stream-optimized disks.
     pub const VMDK: Format = crate::vmdk::VMDK;
+    /// VDI (VirtualBox): dynamic and static images.
+    pub const VDI: Format = crate::vdi::VDI;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {
