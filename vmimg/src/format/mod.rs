@@ -18,6 +18,7 @@ mod info;
 mod options;
 mod policy;
 mod probe;
+mod table_cache;
 
 pub use chain::ChainView;
 pub(crate) use chain::{bad_mapping, read_chain, take_front, total};
@@ -35,6 +36,7 @@ pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, Poli
 pub(crate) use probe::CLOOP_MAGIC;
 pub use probe::PROBE_BYTES;
 pub(crate) use probe::{best, foreign_names, foreign_scores, probe_buffer, vmdk_text};
+pub(crate) use table_cache::TableCache;
 
 use crate::storage::{BoxFuture, PreallocMode, Storage};
 use crate::{Error, ErrorKind, Result};

@@ -42,10 +42,6 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
 /// A NUL-terminated string field equal to `s` (QEMU compares with `strcmp`).
 fn c_string_is(b: &[u8], at: usize, s: &str) -> bool {
     b[at..].starts_with(s.as_bytes()) && b.get(at + s.len()) == Some(&0)
@@ -149,16 +145,6 @@ const PROBES: &[Probe] = &[
     Probe {
         name: "vhdx",
         score: |b, _| magic(b, b"vhdxfile"),
-    },
-    Probe {
-        name: "qcow",
-        score: |b, _| {
-            if b.starts_with(b"QFI\xfb") && be32(b, 4) == 1 {
-                100
-            } else {
-                0
-            }
-        },
     },
     Probe {
         name: "luks",

@@ -14,6 +14,7 @@ pub static FORMATS: &[Format] = &[
     crate::vpc::VPC,
     crate::vmdk::VMDK,
     crate::vdi::VDI,
+    crate::qcow1::QCOW,
 ];
 
 impl Format {
@@ -27,6 +28,8 @@ impl Format {
     pub const VMDK: Format = crate::vmdk::VMDK;
     /// VDI (VirtualBox): dynamic and static images.
     pub const VDI: Format = crate::vdi::VDI;
+    /// QEMU's original qcow (version 1), read only.
+    pub const QCOW: Format = crate::qcow1::QCOW;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {

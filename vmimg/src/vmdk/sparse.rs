@@ -16,10 +16,10 @@ use super::header::{
     FLAG_ZEROED_GRAIN, GD_AT_END, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS, SECTOR, SESPARSE_GRAIN,
     SESPARSE_GT_SECTORS,
 };
+use crate::format::TableCache;
 use crate::storage::{Storage, StorageExt};
 use crate::{Error, ErrorKind, Result};
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 fn corrupt(msg: impl Into<String>) -> Error {
@@ -43,31 +43,6 @@ pub enum Grain {
     Zero,
     /// At this sector of the file.
     At(u64),
-}
-
-/// Cached grain tables, by directory index, evicted oldest first.
-#[derive(Debug, Default)]
-struct GtCache {
-    tables: HashMap<u64, Arc<Vec<u32>>>,
-    order: VecDeque<u64>,
-    capacity: usize,
-}
-
-impl GtCache {
-    fn get(&self, i: u64) -> Option<Arc<Vec<u32>>> {
-        self.tables.get(&i).cloned()
-    }
-
-    fn put(&mut self, i: u64, gt: Arc<Vec<u32>>) {
-        if self.tables.insert(i, gt).is_none() {
-            self.order.push_back(i);
-            while self.order.len() > self.capacity.max(1) {
-                if let Some(old) = self.order.pop_front() {
-                    self.tables.remove(&old);
-                }
-            }
-        }
-    }
 }
 
 /// The last decoded compressed grain (reads smaller than a grain decode it once).
@@ -100,7 +75,7 @@ pub struct SparseExtent {
     pub footer: bool,
     /// The header version (QEMU refuses to write an uncompressed version 3).
     pub version: u32,
-    cache: Mutex<GtCache>,
+    cache: Mutex<TableCache<u32>>,
     decoded: Mutex<DecodedGrain>,
     /// Where the next grain goes, in sectors; held while a new grain is written.
     alloc: tokio::sync::Mutex<u64>,
@@ -191,10 +166,10 @@ impl SparseExtent {
             markers: h.flags & FLAG_MARKERS != 0,
             footer,
             version: h.version,
-            cache: Mutex::new(GtCache {
-                capacity: gt_slots(cache_bytes, u64::from(h.gtes_per_gt)),
-                ..GtCache::default()
-            }),
+            cache: Mutex::new(TableCache::new(gt_slots(
+                cache_bytes,
+                u64::from(h.gtes_per_gt),
+            ))),
             decoded: Mutex::new(None),
             alloc: tokio::sync::Mutex::new(next),
             file,
@@ -242,10 +217,7 @@ impl SparseExtent {
             markers: false,
             footer: false,
             version: 1,
-            cache: Mutex::new(GtCache {
-                capacity: gt_slots(cache_bytes, u64::from(COWD_GTES)),
-                ..GtCache::default()
-            }),
+            cache: Mutex::new(TableCache::new(gt_slots(cache_bytes, u64::from(COWD_GTES)))),
             decoded: Mutex::new(None),
             alloc: tokio::sync::Mutex::new(next),
             file,
@@ -410,10 +382,7 @@ impl SparseExtent {
                 .write_at(u64::from(rgt_sector) * SECTOR + j * 4, &bytes)
                 .await?;
         }
-        let mut cache = self.cache.lock().unwrap();
-        if let Some(gt) = cache.tables.get_mut(&i) {
-            Arc::make_mut(gt)[j as usize] = value;
-        }
+        self.cache.lock().unwrap().update(i, j as usize, value);
         Ok(())
     }
 
@@ -573,7 +542,7 @@ fn full() -> Error {
 /// How many grain tables of `gtes` entries fit in `cache_bytes` (at least 16, QEMU's
 /// count).
 fn gt_slots(cache_bytes: u64, gtes: u64) -> usize {
-    (cache_bytes / (gtes * 4)).clamp(16, 1 << 16) as usize
+    TableCache::<u32>::slots(cache_bytes, gtes, 4, 16)
 }
 
 /// Reads a grain directory of `entries` entries at sector `offset`; it must lie within
@@ -663,13 +632,7 @@ pub struct SeSparseExtent {
     gd: Vec<u64>,
     gt_offset: u64,
     grains_offset: u64,
-    cache: Mutex<GtCache64>,
-}
-
-#[derive(Debug, Default)]
-struct GtCache64 {
-    tables: HashMap<u64, Arc<Vec<u64>>>,
-    order: VecDeque<u64>,
+    cache: Mutex<TableCache<u64>>,
 }
 
 /// Entries of an SESparse grain table.
@@ -718,7 +681,7 @@ impl SeSparseExtent {
             gd,
             gt_offset: h.gt_offset,
             grains_offset: h.grains_offset,
-            cache: Mutex::new(GtCache64::default()),
+            cache: Mutex::new(TableCache::new(SES_CACHE)),
         })
     }
 
@@ -771,8 +734,8 @@ impl SeSparseExtent {
     }
 
     async fn table(&self, i: u64, index: u64) -> Result<Arc<Vec<u64>>> {
-        if let Some(gt) = self.cache.lock().unwrap().tables.get(&i) {
-            return Ok(Arc::clone(gt));
+        if let Some(gt) = self.cache.lock().unwrap().get(i) {
+            return Ok(gt);
         }
         let at = index
             .checked_mul(SESPARSE_GT_SECTORS)
@@ -786,15 +749,7 @@ impl SeSparseExtent {
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .collect(),
         );
-        let mut cache = self.cache.lock().unwrap();
-        if cache.tables.insert(i, Arc::clone(&gt)).is_none() {
-            cache.order.push_back(i);
-            if cache.order.len() > SES_CACHE {
-                if let Some(old) = cache.order.pop_front() {
-                    cache.tables.remove(&old);
-                }
-            }
-        }
+        self.cache.lock().unwrap().put(i, Arc::clone(&gt));
         Ok(gt)
     }
 }
@@ -818,19 +773,5 @@ mod tests {
             .deflate_compress(&data, &mut raw)
             .unwrap();
         assert_eq!(inflate_zlib(&raw[..m], &mut back), None);
-    }
-
-    #[test]
-    fn gt_cache_evicts_oldest_first() {
-        let mut c = GtCache {
-            capacity: 2,
-            ..GtCache::default()
-        };
-        for i in 0..3 {
-            c.put(i, Arc::new(vec![i as u32]));
-        }
-        assert!(c.get(0).is_none());
-        assert_eq!(c.get(2).unwrap()[0], 2);
-        assert_eq!(c.tables.len(), 2);
     }
 }
