@@ -6,6 +6,9 @@
 #   corpus/nbd_server/       NBD client streams
 #   corpus/vpc_open_read/    small VHD images (qemu-img's, and small-block ones made here)
 #   corpus/vdi_open_read/    small VDI images (qemu-img's, empty and with a block)
+#   corpus/qcow1_open_read/  small qcow (version 1) images: plain, compressed, with a backing name
+#   corpus/bochs_open_read/  Bochs growing images (written here: qemu-img cannot)
+#   corpus/cloop_open_read/  cloop images (written here: qemu-img cannot)
 #   corpus/vmdk_open_read/   small VMDK files (qemu-img's sparse, stream and descriptor files,
 #                            and a VMware-style stream and a COWD extent made here)
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
@@ -259,3 +262,51 @@ for f in empty data; do
     cp "$work/$f.vdi" "$vdi/$f"
 done
 echo "make-corpus.sh: $(ls "$vdi" | wc -l) images in $vdi"
+
+# qcow1_open_read: qemu-img's qcow (version 1) images, plain, compressed (from a sparse
+# source: qemu-img's compressed qcow writer needs one) and naming a backing file.
+q1=corpus/qcow1_open_read
+mkdir -p "$q1"
+truncate -s 64K "$work/q1src.raw"
+printf 'qcow one, compressible text %.0s' $(seq 200) | dd of="$work/q1src.raw" conv=notrunc status=none
+qemu-img convert -f raw -O qcow "$work/q1src.raw" "$work/q1plain.qcow"
+qemu-img convert -c -f raw -O qcow "$work/q1src.raw" "$work/q1packed.qcow" || true
+qemu-img create -q -f qcow -b q1plain.qcow -F qcow "$work/q1top.qcow"
+for f in q1plain q1packed q1top; do
+    cp "$work/$f.qcow" "$q1/$f"
+done
+echo "make-corpus.sh: $(ls "$q1" | wc -l) images in $q1"
+
+# bochs_open_read and cloop_open_read: images written here from the formats' layouts
+# (qemu-img cannot write either): a version 2 and a version 1 Bochs image with some
+# extents and sectors present, and a cloop image of three zlib blocks.
+mkdir -p corpus/bochs_open_read corpus/cloop_open_read
+python3 - corpus/bochs_open_read corpus/cloop_open_read <<'PY'
+import os, struct, sys, zlib
+bochs_dir, cloop_dir = sys.argv[1], sys.argv[2]
+def bochs(version):
+    extent, extents = 4096, 6
+    h = bytearray(512)
+    h[0:22] = b"Bochs Virtual HD Image"; h[32:39] = b"Redolog"; h[48:55] = b"Growing"
+    struct.pack_into("<IIIII", h, 64, version << 16, 512, extents, 512, extent)
+    struct.pack_into("<Q", h, 84 if version == 1 else 88, extents * extent - 1024)
+    catalog = [0xffffffff] * extents
+    catalog[1], catalog[4] = 0, 1
+    body = bytes(h) + struct.pack("<%dI" % extents, *catalog)
+    for n in range(2):
+        bitmap = bytearray(512); bitmap[0] = 0xa5; bitmap[1] = 0x0f
+        body += bytes(bitmap) + bytes([0x30 + n]) * extent
+    return body
+open(os.path.join(bochs_dir, "v2"), "wb").write(bochs(2))
+open(os.path.join(bochs_dir, "v1"), "wb").write(bochs(1))
+script = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+block = 4096
+blocks = [zlib.compress(bytes([i * 40]) * block) for i in range(3)]
+offsets = [136 + 8 * 4]
+for b in blocks:
+    offsets.append(offsets[-1] + len(b))
+img = script.ljust(128, b"\0") + struct.pack(">II", block, 3) + struct.pack(">4Q", *offsets)
+img += b"".join(blocks)
+open(os.path.join(cloop_dir, "three"), "wb").write(img)
+PY
+echo "make-corpus.sh: $(ls corpus/bochs_open_read | wc -l) images in corpus/bochs_open_read, $(ls corpus/cloop_open_read | wc -l) in corpus/cloop_open_read"

@@ -38,6 +38,8 @@
 
 #![warn(missing_docs)]
 
+pub mod bochs;
+pub mod cloop;
 mod cpu;
 mod error;
 pub mod format;

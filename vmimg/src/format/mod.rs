@@ -32,7 +32,6 @@ pub use options::{
     options_help, parse_option_list, parse_size, FormatOptions, OptionKind, OptionSpec, OptionValue,
 };
 pub use policy::{ImplicitOpenKind, ImplicitOpenPolicy, ImplicitOpenRequest, PolicyDecision};
-#[cfg(test)]
 pub(crate) use probe::CLOOP_MAGIC;
 pub use probe::PROBE_BYTES;
 pub(crate) use probe::{best, foreign_names, foreign_scores, probe_buffer, vmdk_text};
@@ -415,4 +414,9 @@ pub(crate) fn random_bytes(buf: &mut [u8]) {
             *b = t[i % t.len()] ^ (i as u8).wrapping_mul(151);
         }
     }
+}
+
+/// The answer of a read-only format's write operations.
+pub(crate) fn read_only<'a, T: Send + 'a>() -> BoxFuture<'a, Result<T>> {
+    Box::pin(async { Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")) })
 }

@@ -42,11 +42,6 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// A NUL-terminated string field equal to `s` (QEMU compares with `strcmp`).
-fn c_string_is(b: &[u8], at: usize, s: &str) -> bool {
-    b[at..].starts_with(s.as_bytes()) && b.get(at + s.len()) == Some(&0)
-}
-
 fn magic(b: &[u8], m: &[u8]) -> u32 {
     if b.starts_with(m) {
         100
@@ -122,25 +117,6 @@ const PROBES: &[Probe] = &[
             Some(n) if n.len() > 4 && n.ends_with(".dmg") => 2,
             _ => 0,
         },
-    },
-    Probe {
-        name: "bochs",
-        score: |b, _| {
-            let v = le32(b, 0x40);
-            let ok = c_string_is(b, 0, "Bochs Virtual HD Image")
-                && c_string_is(b, 0x20, "Redolog")
-                && c_string_is(b, 0x30, "Growing")
-                && (v == 0x0002_0000 || v == 0x0001_0000);
-            if ok {
-                100
-            } else {
-                0
-            }
-        },
-    },
-    Probe {
-        name: "cloop",
-        score: |b, _| if b.starts_with(CLOOP_MAGIC) { 2 } else { 0 },
     },
     Probe {
         name: "vhdx",

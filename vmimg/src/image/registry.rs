@@ -15,6 +15,8 @@ pub static FORMATS: &[Format] = &[
     crate::vmdk::VMDK,
     crate::vdi::VDI,
     crate::qcow1::QCOW,
+    crate::bochs::BOCHS,
+    crate::cloop::CLOOP,
 ];
 
 impl Format {
@@ -30,6 +32,10 @@ impl Format {
     pub const VDI: Format = crate::vdi::VDI;
     /// QEMU's original qcow (version 1), read only.
     pub const QCOW: Format = crate::qcow1::QCOW;
+    /// Bochs growing images, read only.
+    pub const BOCHS: Format = crate::bochs::BOCHS;
+    /// cloop compressed images, read only.
+    pub const CLOOP: Format = crate::cloop::CLOOP;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {

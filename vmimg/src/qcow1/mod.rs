@@ -320,7 +320,7 @@ impl FormatDriver for QcowDriver {
         _len: u64,
         _below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<WriteTarget<'a>>> {
-        Box::pin(async { Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")) })
+        crate::format::read_only()
     }
 
     fn write_zeroes<'a>(
@@ -330,7 +330,7 @@ impl FormatDriver for QcowDriver {
         _may_unmap: bool,
         _below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async { Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")) })
+        crate::format::read_only()
     }
 
     fn discard<'a>(
@@ -340,7 +340,7 @@ impl FormatDriver for QcowDriver {
         _mode: DiscardMode,
         _below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async { Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")) })
+        crate::format::read_only()
     }
 
     fn resize<'a>(
@@ -349,7 +349,7 @@ impl FormatDriver for QcowDriver {
         _prealloc: PreallocMode,
         _below: ChainView<'a>,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async { Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")) })
+        crate::format::read_only()
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {
