@@ -9,6 +9,7 @@
 #   corpus/qcow1_open_read/  small qcow (version 1) images: plain, compressed, with a backing name
 #   corpus/bochs_open_read/  Bochs growing images (written here: qemu-img cannot)
 #   corpus/cloop_open_read/  cloop images (written here: qemu-img cannot)
+#   corpus/vhdx_open_read/   patch lists over the target's own VHDX template (see the target)
 #   corpus/vmdk_open_read/   small VMDK files (qemu-img's sparse, stream and descriptor files,
 #                            and a VMware-style stream and a COWD extent made here)
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
@@ -310,3 +311,25 @@ img += b"".join(blocks)
 open(os.path.join(cloop_dir, "three"), "wb").write(img)
 PY
 echo "make-corpus.sh: $(ls corpus/bochs_open_read | wc -l) images in corpus/bochs_open_read, $(ls corpus/cloop_open_read | wc -l) in corpus/cloop_open_read"
+
+# vhdx_open_read: the target patches its own 8 MiB template; seeds are patch lists: none,
+# a header with a log GUID (resealed), and a log entry at the log's start naming it (the
+# entry resealed too: a replay), with the writable pass.
+mkdir -p corpus/vhdx_open_read
+python3 - corpus/vhdx_open_read <<'PY'
+import os, struct, sys
+out = sys.argv[1]
+def rec(area, off, data):
+    return bytes([area]) + struct.pack("<HB", off, len(data)) + data
+guid = bytes(range(1, 17))
+open(os.path.join(out, "template"), "wb").write(b"\0")
+logged = bytes([1 | 4 | 8]) + rec(1, 48, guid) + rec(2, 48, guid)
+entry = b"loge" + b"\0" * 4 + struct.pack("<IIQI", 8192, 0, 1, 1) + b"\0" * 4 + guid
+entry += struct.pack("<QQ", 8 << 20, 8 << 20)
+desc = b"desc" + b"\0" * 4 + struct.pack("<QQQ", 6 | (8 << 20), 2 << 20, 1)
+data = b"data" + struct.pack("<I", 0)
+logged_entry = logged + rec(4, 0, entry) + rec(4, 64, desc) + rec(4, 4096, data) + rec(4, 8188, struct.pack("<I", 1))
+open(os.path.join(out, "log-guid"), "wb").write(logged)
+open(os.path.join(out, "log-entry"), "wb").write(logged_entry)
+PY
+echo "make-corpus.sh: $(ls corpus/vhdx_open_read | wc -l) seeds in corpus/vhdx_open_read"

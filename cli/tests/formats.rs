@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 /// Formats vmimg reads and writes.
-const FORMATS: &[&str] = &["raw", "qcow2", "vpc", "vmdk", "vdi"];
+const FORMATS: &[&str] = &["raw", "qcow2", "vpc", "vmdk", "vdi", "vhdx"];
 
 #[test]
 fn convert_between_any_two_formats() {

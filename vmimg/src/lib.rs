@@ -51,6 +51,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod storage;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 

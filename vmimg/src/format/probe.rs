@@ -119,10 +119,6 @@ const PROBES: &[Probe] = &[
         },
     },
     Probe {
-        name: "vhdx",
-        score: |b, _| magic(b, b"vhdxfile"),
-    },
-    Probe {
         name: "luks",
         score: |b, _| {
             if b.starts_with(b"LUKS\xba\xbe") && b[6..8] == [0, 1] {

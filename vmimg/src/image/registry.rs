@@ -14,6 +14,7 @@ pub static FORMATS: &[Format] = &[
     crate::vpc::VPC,
     crate::vmdk::VMDK,
     crate::vdi::VDI,
+    crate::vhdx::VHDX,
     crate::qcow1::QCOW,
     crate::bochs::BOCHS,
     crate::cloop::CLOOP,
@@ -30,6 +31,8 @@ impl Format {
     pub const VMDK: Format = crate::vmdk::VMDK;
     /// VDI (VirtualBox): dynamic and static images.
     pub const VDI: Format = crate::vdi::VDI;
+    /// VHDX (Hyper-V): dynamic and fixed images, differencing disks read only.
+    pub const VHDX: Format = crate::vhdx::VHDX;
     /// QEMU's original qcow (version 1), read only.
     pub const QCOW: Format = crate::qcow1::QCOW;
     /// Bochs growing images, read only.
