@@ -46,16 +46,16 @@ pub async fn run(args: ResizeArgs) -> CmdResult {
         parse_size(&args.size).map_err(usage_error)?
     };
     if new_size < current {
+        let warning = "vmimg: warning: Shrinking an image will delete all data beyond the \
+                       shrunken image's end. Before performing such an operation, make sure \
+                       there is no important data there.";
         if !args.shrink {
-            return Err(usage_error(
-                "Use the --shrink option to perform a shrink operation.",
-            ));
+            // As qemu-img: the refusal, then the warning.
+            eprintln!("vmimg: Use the --shrink option to perform a shrink operation.");
+            eprintln!("{warning}");
+            return Ok(1);
         }
-        eprintln!(
-            "vmimg: warning: Shrinking an image will delete all data beyond the shrunken \
-             image's end. Before performing such an operation, make sure there is no \
-             important data there."
-        );
+        eprintln!("{warning}");
         if prealloc != PreallocMode::Off {
             return Err(usage_error(
                 "Preallocation can only be used for growing images",

@@ -48,6 +48,7 @@ pub mod io_buf;
 pub mod nbd;
 pub mod qcow1;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod storage;
 pub mod vdi;

@@ -42,14 +42,6 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn magic(b: &[u8], m: &[u8]) -> u32 {
-    if b.starts_with(m) {
-        100
-    } else {
-        0
-    }
-}
-
 /// The cloop V2.0 header: a shell script that mounts the image.
 pub(crate) const CLOOP_MAGIC: &[u8] =
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
@@ -106,10 +98,6 @@ const PROBES: &[Probe] = &[
                 0
             }
         },
-    },
-    Probe {
-        name: "qed",
-        score: |b, _| magic(b, b"QED\0"),
     },
     Probe {
         name: "dmg",

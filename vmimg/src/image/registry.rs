@@ -18,6 +18,7 @@ pub static FORMATS: &[Format] = &[
     crate::qcow1::QCOW,
     crate::bochs::BOCHS,
     crate::cloop::CLOOP,
+    crate::qed::QED,
 ];
 
 impl Format {
@@ -39,6 +40,8 @@ impl Format {
     pub const BOCHS: Format = crate::bochs::BOCHS;
     /// cloop compressed images, read only.
     pub const CLOOP: Format = crate::cloop::CLOOP;
+    /// QED (QEMU Enhanced Disk).
+    pub const QED: Format = crate::qed::QED;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {
