@@ -177,7 +177,9 @@ pub fn info_json(image: &Image, filename: &str) -> Value {
     if let Some(b) = &desc.backing_filename {
         m.insert("backing-filename".into(), json!(b));
     }
-    m.insert("dirty-flag".into(), json!(desc.dirty));
+    if !desc.no_driver_info {
+        m.insert("dirty-flag".into(), json!(desc.dirty));
+    }
     Value::Object(m)
 }
 

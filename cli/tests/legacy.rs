@@ -185,7 +185,7 @@ fn bochs_images_read_like_qemu_img() {
         let v = vmimg_in(d, ["info", "--output=json", "b.img"]).ok();
         let field =
             |s: &str, k: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()[k].clone();
-        for k in ["format", "virtual-size"] {
+        for k in ["format", "virtual-size", "dirty-flag", "cluster-size"] {
             assert_eq!(field(&v.stdout, k), field(&q.stdout, k), "{k}");
         }
     }
@@ -258,4 +258,14 @@ fn cloop_images_read_like_qemu_img() {
     compare_files(&d.join("by-vmimg.raw"), &d.join("want.raw")).unwrap();
     let v = vmimg_in(d, ["info", "c.img"]).ok();
     assert!(v.stdout.contains("file format: cloop"), "{}", v.stdout);
+    // No dirty flag, no cluster size: QEMU's cloop driver gives no driver info.
+    let q = qemu_img_in(d, ["info", "--output=json", "c.img"]).ok();
+    let v = vmimg_in(d, ["info", "--output=json", "c.img"]).ok();
+    let keys = |s: &str| {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&v.stdout), keys(&q.stdout));
 }

@@ -146,9 +146,6 @@ fn commit_into_a_locked_chain_works_and_b_implies_d() {
 /// where it can and from the formats' magic otherwise.
 fn foreign_images(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
     let mut out = Vec::new();
-    let p = dir.join("img.parallels");
-    qemu_img(["create", "-q", "-f", "parallels", s(&p), "1M"]).ok();
-    out.push(("parallels".to_string(), p));
     let luks = dir.join("img.luks");
     qemu_img([
         "create",

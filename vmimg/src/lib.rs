@@ -46,6 +46,7 @@ pub mod format;
 pub mod image;
 pub mod io_buf;
 pub mod nbd;
+pub mod parallels;
 pub mod qcow1;
 pub mod qcow2;
 pub mod qed;

@@ -267,6 +267,8 @@ impl FormatDriver for CloopDriver {
         ImageDescription {
             filename: self.file.path().map(|p| p.display().to_string()),
             actual_size: self.file.allocated_size(),
+            // QEMU's driver has no driver info: no dirty flag shown.
+            no_driver_info: true,
             ..ImageDescription::default()
         }
     }

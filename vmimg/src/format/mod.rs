@@ -193,6 +193,9 @@ pub struct ImageDescription {
     /// Files of the image other than its own (a VMDK's extents), as qemu-img's child
     /// nodes.
     pub children: Vec<ChildFile>,
+    /// QEMU's driver for the format answers no driver info (Parallels, DMG, Bochs,
+    /// cloop): qemu-img then shows no cluster size and no dirty flag.
+    pub no_driver_info: bool,
 }
 
 /// A file an image is made of besides its own, as `info` lists it.

@@ -38,10 +38,6 @@ struct Probe {
     score: fn(&[u8; PROBE_BYTES], Option<&str>) -> u32,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
 /// The cloop V2.0 header: a shell script that mounts the image.
 pub(crate) const CLOOP_MAGIC: &[u8] =
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
@@ -88,17 +84,6 @@ pub(crate) fn vmdk_text(b: &[u8]) -> bool {
 
 /// QEMU's formats that vmimg does not open.
 const PROBES: &[Probe] = &[
-    Probe {
-        name: "parallels",
-        score: |b, _| {
-            let m = b.starts_with(b"WithoutFreeSpace") || b.starts_with(b"WithouFreSpacExt");
-            if m && le32(b, 16) == 2 {
-                100
-            } else {
-                0
-            }
-        },
-    },
     Probe {
         name: "dmg",
         score: |_, name| match name {

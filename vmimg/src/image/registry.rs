@@ -19,6 +19,7 @@ pub static FORMATS: &[Format] = &[
     crate::bochs::BOCHS,
     crate::cloop::CLOOP,
     crate::qed::QED,
+    crate::parallels::PARALLELS,
 ];
 
 impl Format {
@@ -42,6 +43,8 @@ impl Format {
     pub const CLOOP: Format = crate::cloop::CLOOP;
     /// QED (QEMU Enhanced Disk).
     pub const QED: Format = crate::qed::QED;
+    /// Parallels expandable images.
+    pub const PARALLELS: Format = crate::parallels::PARALLELS;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {

@@ -758,6 +758,7 @@ impl FormatDriver for Qcow2Driver {
             bitmaps: bitmap_infos(&tables),
             format_specific: Some(self.specific(&tables)),
             children: Vec::new(),
+            no_driver_info: false,
         }
     }
 }
