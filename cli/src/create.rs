@@ -191,6 +191,12 @@ pub async fn run(args: CreateArgs) -> CmdResult {
         .filename
         .as_deref()
         .ok_or_else(|| usage_error("Expecting image file name"))?;
+    if format.entry().create_options().is_empty() {
+        // As qemu-img: no "Formatting" line for formats that cannot be created.
+        return Err(usage_error(format!(
+            "{filename}: Format driver '{format}' does not support image creation"
+        )));
+    }
     let size = args
         .size
         .as_deref()

@@ -38,11 +38,50 @@ pub struct InfoArgs {
 
 /// Writes JSON with qemu's four-space indentation.
 pub fn print_json(value: &Value) {
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    serde::Serialize::serialize(value, &mut ser).expect("serialising JSON to memory");
-    println!("{}", String::from_utf8_lossy(&out));
+    let mut out = String::new();
+    qemu_json(value, 0, &mut out);
+    println!("{out}");
+}
+
+/// JSON as QEMU pretty-prints it: four spaces per level, and empty arrays and objects
+/// opened and closed on lines of their own.
+fn qemu_json(v: &Value, indent: usize, out: &mut String) {
+    let pad = |n: usize| " ".repeat(n);
+    match v {
+        Value::Array(items) => {
+            out.push_str("[\n");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(",\n");
+                }
+                out.push_str(&pad(indent + 4));
+                qemu_json(item, indent + 4, out);
+            }
+            if !items.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push_str("{\n");
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(",\n");
+                }
+                out.push_str(&pad(indent + 4));
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                qemu_json(item, indent + 4, out);
+            }
+            if !map.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push('}');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }
 
 /// A format-specific value as JSON.

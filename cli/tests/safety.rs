@@ -145,7 +145,6 @@ fn commit_into_a_locked_chain_works_and_b_implies_d() {
 /// Images of every format QEMU's probe knows but vmimg cannot open yet, made by qemu-img
 /// where it can and from the formats' magic otherwise.
 fn foreign_images(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
-    let mut out = Vec::new();
     let luks = dir.join("img.luks");
     qemu_img([
         "create",
@@ -160,12 +159,7 @@ fn foreign_images(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
         "1M",
     ])
     .ok();
-    out.push(("luks".into(), luks));
-    // dmg is probed by its name alone.
-    let dmg = dir.join("img.dmg");
-    std::fs::write(&dmg, vec![7u8; 1 << 20]).unwrap();
-    out.push(("dmg".to_string(), dmg));
-    out
+    vec![("luks".into(), luks)]
 }
 
 /// A format vmimg cannot open is refused by name, never read as raw: no command reads it

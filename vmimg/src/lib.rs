@@ -41,6 +41,7 @@
 pub mod bochs;
 pub mod cloop;
 mod cpu;
+pub mod dmg;
 mod error;
 pub mod format;
 pub mod image;

@@ -323,6 +323,12 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// Whether the layer reports no allocation status, as QEMU's drivers without block
+    /// status (DMG): `map` then shows the whole disk as data, at no host offset.
+    fn status_unknown(&self) -> bool {
+        false
+    }
+
     /// Whether every write must go through [`FormatDriver::write_compressed`] (a
     /// stream-optimized VMDK): copies then write whole clusters compressed.
     fn needs_compressed_writes(&self) -> bool {

@@ -83,25 +83,16 @@ pub(crate) fn vmdk_text(b: &[u8]) -> bool {
 }
 
 /// QEMU's formats that vmimg does not open.
-const PROBES: &[Probe] = &[
-    Probe {
-        name: "dmg",
-        score: |_, name| match name {
-            Some(n) if n.len() > 4 && n.ends_with(".dmg") => 2,
-            _ => 0,
-        },
+const PROBES: &[Probe] = &[Probe {
+    name: "luks",
+    score: |b, _| {
+        if b.starts_with(b"LUKS\xba\xbe") && b[6..8] == [0, 1] {
+            100
+        } else {
+            0
+        }
     },
-    Probe {
-        name: "luks",
-        score: |b, _| {
-            if b.starts_with(b"LUKS\xba\xbe") && b[6..8] == [0, 1] {
-                100
-            } else {
-                0
-            }
-        },
-    },
-];
+}];
 
 /// `first` zero-padded to the 512 bytes every probe is given.
 pub fn probe_buffer(first: &[u8]) -> [u8; PROBE_BYTES] {

@@ -86,6 +86,9 @@ pub enum BlockStatusKind {
     },
     /// Data stored compressed.
     Compressed,
+    /// Data whose allocation the layer does not report (QEMU's answer for drivers without
+    /// block status, such as DMG's): data, at no host offset.
+    Opaque,
     /// Reads as zeros, recorded as such by the answering layer.
     Zero {
         /// Host offset still assigned to the range, if any.
@@ -118,6 +121,7 @@ impl BlockStatus {
             BlockStatusKind::Data { .. }
                 | BlockStatusKind::DataZero { .. }
                 | BlockStatusKind::Compressed
+                | BlockStatusKind::Opaque
         )
     }
 
@@ -539,6 +543,15 @@ impl Image {
             }
             covering = depth;
             len = len.min(layer.size() - offset);
+            if layer.status_unknown() {
+                return Ok(BlockStatus {
+                    offset,
+                    len,
+                    depth,
+                    kind: BlockStatusKind::Opaque,
+                    file: layer.storage().path().map(std::path::Path::to_path_buf),
+                });
+            }
             let m = layer
                 .map(offset, len, MapQuery::Status)
                 .await

@@ -20,6 +20,7 @@ pub static FORMATS: &[Format] = &[
     crate::cloop::CLOOP,
     crate::qed::QED,
     crate::parallels::PARALLELS,
+    crate::dmg::DMG,
 ];
 
 impl Format {
@@ -45,6 +46,8 @@ impl Format {
     pub const QED: Format = crate::qed::QED;
     /// Parallels expandable images.
     pub const PARALLELS: Format = crate::parallels::PARALLELS;
+    /// Apple DMG (UDIF) images, read only.
+    pub const DMG: Format = crate::dmg::DMG;
 
     /// Every format vmimg implements.
     pub fn all() -> &'static [Format] {
