@@ -146,7 +146,14 @@ impl ImageFormat for QedFormat {
     ) -> BoxFuture<'a, Result<CheckReport>> {
         Box::pin(async move {
             let h = read_header(file).await?;
-            let l1 = read_table(file, h.l1_table_offset, h.l1_entries_used()).await?;
+            // Every L1 entry, as QEMU checks them (entries past the disk come into use when
+            // it grows), unless the table is absurdly large.
+            let entries = if h.table_bytes() <= 64 << 20 {
+                h.table_entries()
+            } else {
+                h.l1_entries_used()
+            };
+            let l1 = read_table(file, h.l1_table_offset, entries).await?;
             let fix = repair != Repair::None;
             let (report, _) = check::check(file, &h, l1, fix).await?;
             // As QEMU: a repairing check that leaves no corruption marks the image clean.
@@ -213,7 +220,9 @@ impl QedDriver {
             let mut name = vec![0u8; h.backing_filename_size as usize];
             file.read_at(u64::from(h.backing_filename_offset), &mut name)
                 .await?;
-            Some(String::from_utf8_lossy(&name).into_owned()).filter(|n| !n.is_empty())
+            // As QEMU: the name ends at its first NUL.
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            Some(String::from_utf8_lossy(&name[..end]).into_owned()).filter(|n| !n.is_empty())
         } else {
             None
         };
@@ -334,13 +343,19 @@ impl QedDriver {
             return Ok((Entry::Unallocated, limit));
         };
         let first = self.classify(t[l2i as usize])?;
+        let h = self.header();
+        let end = self.end.load(Ordering::Acquire);
         let mut n = 1;
         while n < limit {
             let next = t[(l2i + n) as usize];
             let same = match first {
                 Entry::Unallocated => next == 0,
                 Entry::Zero => next == ZERO_CLUSTER,
-                Entry::Data(h) => next == h + n * self.cs,
+                // Each cluster of a run inside the file (a run past its end would let a
+                // write in place overlap a later allocation).
+                Entry::Data(host) => {
+                    next == host.wrapping_add(n * self.cs) && h.cluster_ok(next, end)
+                }
             };
             if !same {
                 break;
