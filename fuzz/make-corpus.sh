@@ -10,8 +10,14 @@
 #   corpus/bochs_open_read/  Bochs growing images (written here: qemu-img cannot)
 #   corpus/cloop_open_read/  cloop images (written here: qemu-img cannot)
 #   corpus/vhdx_open_read/   patch lists over the target's own VHDX template (see the target)
+#   corpus/qed_open_read/    small QED images (qemu-img's: 4 KiB clusters, two-cluster tables,
+#                            zero clusters, a raw backing file name, a need-check bit set)
 #   corpus/vmdk_open_read/   small VMDK files (qemu-img's sparse, stream and descriptor files,
 #                            and a VMware-style stream and a COWD extent made here)
+#   corpus/parallels_open_read/  small Parallels images (qemu-img's, 512 B to 64 KiB clusters;
+#                            made here: left in use, a duplicate BAT entry, the original magic)
+#   corpus/dmg_open_read/    small DMG images (written here: qemu-img cannot): raw, zero, zlib,
+#                            bzip2 and LZFSE chunks, tables in a property list or resource fork
 # Nothing here is committed (see .gitignore); run it before `cargo fuzz run`.
 set -euo pipefail
 
@@ -264,6 +270,33 @@ for f in empty data; do
 done
 echo "make-corpus.sh: $(ls "$vdi" | wc -l) images in $vdi"
 
+# qed_open_read: qemu-img's QED images: empty with the defaults (64 KiB clusters, 320 KiB),
+# 4 KiB clusters with data and zero clusters (write -z), two-cluster tables (4 MiB per L2
+# table) with data under two L1 entries, one naming a raw backing file (written through it),
+# and a copy of one with the need-check bit set (a writable open repairs it first).
+qed=corpus/qed_open_read
+mkdir -p "$qed"
+qio() { local f=$1; shift; local args=(); for c in "$@"; do args+=(-c "$c"); done; qemu-io -f qed "${args[@]}" "$f" >/dev/null; }
+qemu-img create -q -f qed "$work/empty.qed" 1M
+qemu-img create -q -f qed -o cluster_size=4k "$work/c4k.qed" 2M
+qio "$work/c4k.qed" 'write -P 0x11 0 6k' 'write -z 8k 8k' 'write -P 0x22 1M 4k' 'write -z 1536k 512'
+qemu-img create -q -f qed -o cluster_size=4k,table_size=2 "$work/t2.qed" 8M
+qio "$work/t2.qed" 'write -P 0x33 0 4k' 'write -z 4k 4k' 'write -P 0x44 4M 8k' 'write -P 0x55 7M 512'
+qemu-img create -q -f raw "$work/qedbase.raw" 256K
+qemu-io -f raw -c 'write -P 0x66 0 64k' "$work/qedbase.raw" >/dev/null
+qemu-img create -q -f qed -o cluster_size=4k -b qedbase.raw -F raw "$work/backed.qed" 256K
+qio "$work/backed.qed" 'write -P 0x77 4k 1k' 'write -z 64k 4k'
+for f in empty c4k t2 backed; do
+    cp "$work/$f.qed" "$qed/$f"
+done
+python3 - "$qed/t2" "$qed/need-check" <<'PY'
+import struct, sys
+b = bytearray(open(sys.argv[1], "rb").read())
+struct.pack_into("<Q", b, 16, struct.unpack_from("<Q", b, 16)[0] | 2)
+open(sys.argv[2], "wb").write(b)
+PY
+echo "make-corpus.sh: $(ls "$qed" | wc -l) images in $qed"
+
 # qcow1_open_read: qemu-img's qcow (version 1) images, plain, compressed (from a sparse
 # source: qemu-img's compressed qcow writer needs one) and naming a backing file.
 q1=corpus/qcow1_open_read
@@ -333,3 +366,105 @@ open(os.path.join(out, "log-guid"), "wb").write(logged)
 open(os.path.join(out, "log-entry"), "wb").write(logged_entry)
 PY
 echo "make-corpus.sh: $(ls corpus/vhdx_open_read | wc -l) seeds in corpus/vhdx_open_read"
+
+# parallels_open_read: qemu-img's Parallels images (4 KiB clusters with data, a cluster
+# released by a zero write and a partial one; 64 KiB clusters; 512-byte clusters with a
+# discard; an empty one), and, made here from the 4 KiB one, a copy left in use (inuse set,
+# a leaked tail) and one with a duplicate BAT entry (a writable open repairs both), and an
+# image with the original magic ("WithoutFreeSpace": 63-sector clusters, the BAT in
+# sectors, data offset 0), which qemu-img cannot create.
+par=corpus/parallels_open_read
+mkdir -p "$par"
+pio() { local f=$1; shift; local args=(); for c in "$@"; do args+=(-c "$c"); done; qemu-io -f parallels "${args[@]}" "$f" >/dev/null; }
+qemu-img create -q -f parallels -o cluster_size=4k "$work/p4k.hdd" 1M
+pio "$work/p4k.hdd" 'write -P 0x11 0 6k' 'write -P 0x22 512k 4k' 'write -z 0 4k' 'write -P 0x33 900k 512'
+qemu-img create -q -f parallels -o cluster_size=64k "$work/p64k.hdd" 2M
+pio "$work/p64k.hdd" 'write -P 0x44 0 64k' 'write -P 0x55 1M 100k'
+qemu-img create -q -f parallels -o cluster_size=512 "$work/p512.hdd" 256K
+pio "$work/p512.hdd" 'write -P 0x66 1k 3k' 'discard 1k 512'
+qemu-img create -q -f parallels -o cluster_size=4k "$work/pempty.hdd" 64K
+for f in p4k p64k p512 pempty; do
+    cp "$work/$f.hdd" "$par/$f"
+done
+python3 - "$par" <<'PY'
+import os, struct, sys
+out = sys.argv[1]
+base = open(os.path.join(out, "p4k"), "rb").read()
+crashed = bytearray(base)
+struct.pack_into("<I", crashed, 44, 0x746F6E59)
+open(os.path.join(out, "in-use"), "wb").write(bytes(crashed) + b"\xee" * 4096)
+dup = bytearray(base)
+entries = struct.unpack_from("<256I", dup, 64)
+struct.pack_into("<I", dup, 64 + 4 * 7, next(e for e in entries if e))
+open(os.path.join(out, "duplicate"), "wb").write(dup)
+old = bytearray(127 * 512)
+old[0:16] = b"WithoutFreeSpace"
+# version, heads, cylinders, tracks, BAT entries, sectors, inuse, data_off, flags, ext_off
+struct.pack_into("<IIIIIQIIIQ", old, 16, 2, 16, 1, 63, 16, 16 * 63, 0, 0, 0, 0)
+struct.pack_into("<III", old, 64, 1, 0, 64)
+old[512:64 * 512] = b"\xa1" * (63 * 512)
+old[64 * 512:127 * 512] = b"\xa2" * (63 * 512)
+open(os.path.join(out, "old-magic"), "wb").write(old)
+PY
+echo "make-corpus.sh: $(ls "$par" | wc -l) images in $par"
+
+# dmg_open_read: DMG images written here (qemu-img cannot write DMG): a koly trailer, mish
+# tables in an XML property list (base64 <data>) or in a resource fork, chunks of every type
+# QEMU reads (raw, zero, ignore, zlib, bzip2, LZFSE as one uncompressed "bvx-" block), comments
+# and terminators, two tables, a short raw chunk.
+dmg=corpus/dmg_open_read
+mkdir -p "$dmg"
+python3 - "$dmg" <<'PY'
+import base64, bz2, os, struct, sys, zlib
+out = sys.argv[1]
+RAW, ZERO, IGNORE, ZLIB, BZ2, LZFSE, COMMENT, END = 1, 0, 2, 0x80000005, 0x80000006, 0x80000007, 0x7FFFFFFE, 0xFFFFFFFF
+def pattern(sectors, seed):
+    return bytes((i * 7 + seed) % 251 if i % 5 < 3 else (i // 512) & 0xFF for i in range(sectors * 512))
+def lzfse_raw(data):
+    return b"bvx-" + struct.pack("<I", len(data)) + data + b"bvx$"
+def mish(first, data_offset, entries):
+    sectors = sum(e[2] for e in entries)
+    h = struct.pack(">4sIQQQII", b"mish", 1, first, sectors, data_offset, 0x208, 0)
+    h += bytes(24) + struct.pack(">II", 2, 32) + bytes(128) + struct.pack(">I", len(entries))
+    return h + b"".join(struct.pack(">IIQQQQ", ty, 0, s, n, off, ln) for ty, s, n, off, ln in entries)
+def image(tables, rsrc):
+    # tables: lists of (type, sectors, stored bytes); each table's data follows the last.
+    fork, blobs, first = b"", [], 0
+    for chunks in tables:
+        data_offset, sector, entries = len(fork), 0, []
+        for ty, count, stored in chunks:
+            entries.append((ty, sector, count, len(fork) - data_offset, len(stored)))
+            fork += stored
+            sector += count
+        entries.append((END, sector, 0, len(fork) - data_offset, 0))
+        blobs.append(mish(first, data_offset, entries))
+        first += sector
+    if rsrc:
+        data = b"".join(struct.pack(">I", len(b)) + b for b in blobs)
+        fork_tables = struct.pack(">IIII", 256, 256 + len(data), len(data), 30).ljust(256, b"\0") + data + bytes(30)
+    else:
+        items = ""
+        for b in blobs:
+            t = base64.b64encode(b).decode()
+            items += "\t\t\t<dict>\n\t\t\t\t<key>Data</key>\n\t\t\t\t<data>\n" + "\n".join(t[i:i + 52] for i in range(0, len(t), 52)) + "\n\t\t\t\t</data>\n\t\t\t</dict>\n"
+        fork_tables = ('<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0">\n<dict>\n\t<key>resource-fork</key>\n\t<dict>\n\t\t<key>blkx</key>\n\t\t<array>\n'
+                       + items + "\t\t</array>\n\t</dict>\n</dict>\n</plist>\n").encode()
+    k = bytearray(512)
+    struct.pack_into(">4sIII", k, 0, b"koly", 4, 512, 1)
+    struct.pack_into(">QQ", k, 0x18, 0, len(fork))
+    struct.pack_into(">QQ", k, 0x28 if rsrc else 0xD8, len(fork), len(fork_tables))
+    struct.pack_into(">I", k, 0x1E8, 1)
+    struct.pack_into(">Q", k, 0x1EC, first)
+    return fork + fork_tables + bytes(k)
+mixed = [(RAW, 2, pattern(2, 1)), (ZERO, 3, b""), (ZLIB, 8, zlib.compress(pattern(8, 2))), (COMMENT, 0, b""),
+         (RAW, 1, pattern(1, 3)), (IGNORE, 2, b"")]
+seeds = {
+    "xml": image([mixed], False),
+    "rsrc": image([mixed], True),
+    "bzip2-lzfse": image([[(BZ2, 8, bz2.compress(pattern(8, 4))), (LZFSE, 4, lzfse_raw(pattern(4, 5))), (ZLIB, 4, zlib.compress(bytes(2048)))]], False),
+    "two-tables": image([[(RAW, 1, pattern(1, 6)), (ZERO, 7, b"")], [(ZLIB, 16, zlib.compress(pattern(16, 7))), (RAW, 2, pattern(2, 8)[:700])]], True),
+}
+for name, data in seeds.items():
+    open(os.path.join(out, name), "wb").write(data)
+PY
+echo "make-corpus.sh: $(ls "$dmg" | wc -l) images in $dmg"

@@ -77,6 +77,8 @@ pub struct DmgDriver {
     chunks: Vec<Chunk>,
     /// The last chunk decoded.
     last: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
+    /// The last chunk that did not decode (its sectors fail at once).
+    failed: Mutex<Option<usize>>,
 }
 
 fn io_error(msg: String) -> Error {
@@ -131,6 +133,7 @@ impl DmgDriver {
             size: t.sectors * 512,
             chunks: t.chunks,
             last: Mutex::new(None),
+            failed: Mutex::new(None),
         })
     }
 
@@ -147,6 +150,17 @@ impl DmgDriver {
             }
         }
         let c = self.chunks[i];
+        let undecodable = || {
+            io_error(format!(
+                "dmg chunk {i} ({:?}, sectors {}..{}) cannot be decoded",
+                c.kind,
+                c.sector,
+                c.sector.wrapping_add(c.count)
+            ))
+        };
+        if *self.failed.lock().unwrap() == Some(i) {
+            return Err(undecodable());
+        }
         let mut input = vec![0u8; c.length as usize];
         self.file
             .read_at(c.offset, &mut input)
@@ -158,20 +172,18 @@ impl DmgDriver {
             input.resize(bytes, 0);
             input
         } else {
-            crate::cpu::run_cpu(move || {
+            let decoded = crate::cpu::run_cpu(move || {
                 let mut out = vec![0u8; bytes];
-                if decode(c.kind, &input, &mut out) {
-                    Ok(out)
-                } else {
-                    Err(io_error(format!(
-                        "dmg chunk {i} ({:?}, sectors {}..{}) cannot be decoded",
-                        c.kind,
-                        c.sector,
-                        c.sector.wrapping_add(c.count)
-                    )))
-                }
+                decode(c.kind, &input, &mut out).then_some(out)
             })
-            .await??
+            .await?;
+            match decoded {
+                Some(out) => out,
+                None => {
+                    *self.failed.lock().unwrap() = Some(i);
+                    return Err(undecodable());
+                }
+            }
         };
         let out = Arc::new(out);
         *self.last.lock().unwrap() = Some((i, Arc::clone(&out)));
@@ -212,7 +224,10 @@ impl FormatDriver for DmgDriver {
                 ChunkKind::Zero => MapKind::Zero { offset: None },
                 ChunkKind::Raw if c.length >= c.count * 512 => MapKind::Data {
                     storage: self.file.as_ref(),
-                    offset: c.offset + (offset - c.sector * 512),
+                    offset: c
+                        .offset
+                        .checked_add(offset - c.sector * 512)
+                        .ok_or_else(|| io_error(format!("dmg chunk {i} lies beyond any file")))?,
                 },
                 _ => MapKind::Compressed(i as u64),
             };

@@ -117,6 +117,12 @@ impl ParallelsHeader {
         if h.ext_off >= (i64::MAX >> 9) as u64 {
             return Err(invalid("Invalid image: Too big offset"));
         }
+        if h.nb_sectors > (i64::MAX as u64) / SECTOR {
+            // What QEMU's block layer then says.
+            return Err(invalid(
+                "Could not refresh total sector count: File too large",
+            ));
+        }
         Ok(h)
     }
 

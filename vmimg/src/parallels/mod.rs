@@ -260,7 +260,12 @@ async fn check(
         }
         high = high.max(off);
     }
-    let mut end = if high == 0 { start } else { high + cs };
+    // Never below the data area (entries before it are dropped below).
+    let mut end = if high == 0 {
+        start
+    } else {
+        (high + cs).max(start)
+    };
     r.image_end_offset = end;
     if size > end {
         let count = (size - end).div_ceil(cs);
@@ -280,15 +285,17 @@ async fn check(
     let mut used = UsedMap::default();
     let mut all = UsedMap::default();
     for &e in &bat {
-        if e != 0 {
-            if let Some(c) = cluster_index(host(&h, e), start, cs) {
+        let off = host(&h, e);
+        if e != 0 && off + cs <= size {
+            if let Some(c) = cluster_index(off, start, cs) {
                 all.set(c, true);
             }
         }
     }
     for (i, e) in bat.iter_mut().enumerate() {
         let off = host(&h, *e);
-        if off == 0 {
+        // Entries outside the file were reported (and dropped by a repair) above.
+        if off == 0 || off + cs > size {
             continue;
         }
         let Some(c) = cluster_index(off, start, cs) else {
@@ -411,11 +418,17 @@ impl ParallelsDriver {
                 (h, bat) = (fixed_h, fixed_bat);
             }
         }
-        let start = h.data_start(file.size()? / SECTOR).0 * SECTOR;
+        let size = file.size()?;
+        let start = h.data_start(size / SECTOR).0 * SECTOR;
         let mut used = UsedMap::default();
         let mut data_end = start;
         for &e in bat.iter().filter(|&&e| e != 0) {
             let off = host(&h, e);
+            // Entries past the end of the file (read as zeros) hold no cluster of it: the
+            // map stays as large as the file.
+            if off + cs > size {
+                continue;
+            }
             if let Some(c) = cluster_index(off, start, cs) {
                 used.set(c, true);
             }
@@ -458,12 +471,22 @@ impl ParallelsDriver {
     /// host clusters).
     fn run(&self, c: u64, max: u64) -> (Option<u64>, u64) {
         let bat = self.bat.read().unwrap();
-        let at = |i: u64| bat.get(i as usize).copied().unwrap_or(0);
-        let first = at(c);
+        let len = bat.len() as u64;
+        if c >= len {
+            // Past the BAT: unallocated, in one run.
+            return (None, max.max(1));
+        }
+        let first = bat[c as usize];
         let base = (first != 0).then(|| host(&self.header, first));
         let mut n = 1;
         while n < max {
-            let e = at(c + n);
+            if c + n >= len {
+                if base.is_none() {
+                    n = max;
+                }
+                break;
+            }
+            let e = bat[(c + n) as usize];
             let same = match base {
                 None => e == 0,
                 Some(b) => e != 0 && host(&self.header, e) == b + n * self.cs,
@@ -600,6 +623,18 @@ impl FormatDriver for ParallelsDriver {
             if let (Some(b), n) = self.run(c, clusters) {
                 return Ok(in_place(b, n));
             }
+            let entries = u64::from(self.header.bat_entries);
+            if c >= entries {
+                // QEMU aborts here; a disk larger than its BAT cannot take the write.
+                return Err(Error::new(
+                    ErrorKind::InvalidFormat,
+                    format!(
+                        "the Parallels BAT ({entries} entries) does not cover guest offset \
+                         {offset}"
+                    ),
+                ));
+            }
+            let clusters = clusters.min(entries - c);
             let mut a = self.alloc.lock().await;
             let (base, n) = self.run(c, clusters);
             if let Some(b) = base {
