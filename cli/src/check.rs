@@ -77,7 +77,7 @@ pub async fn run(args: CheckArgs) -> CmdResult {
         Err(e) if e.kind() == ErrorKind::Unsupported => {
             match check_open(&args, format, repair).await {
                 Err(e) if e.kind() == ErrorKind::Unsupported => {
-                    eprintln!("vmimg: {e}");
+                    eprintln!("{}: {e}", crate::prog());
                     return Ok(NOT_SUPPORTED);
                 }
                 r => r?,
@@ -115,7 +115,7 @@ pub async fn run(args: CheckArgs) -> CmdResult {
         }
     }
     if report.check_errors > 0 {
-        eprintln!("vmimg: Check failed");
+        eprintln!("{}: Check failed", crate::prog());
         return Ok(1);
     }
     Ok(exit_status(&report))
@@ -152,7 +152,7 @@ fn messages_and_failure(report: &CheckReport) -> Option<u8> {
         eprintln!("{m}");
     }
     let why = report.failure.as_ref()?;
-    eprintln!("vmimg: Check failed: {why}");
+    eprintln!("{}: Check failed: {why}", crate::prog());
     Some(1)
 }
 

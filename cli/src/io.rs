@@ -11,6 +11,7 @@ use std::time::Instant;
 use vmimg::{BlockStatus, DiscardMode, Image, OpenOptions, PreallocMode};
 
 #[derive(Args, Debug)]
+#[command(args_override_self = true)]
 pub struct IoArgs {
     /// Image format (probed when absent; do not probe untrusted images).
     #[arg(short = 'f')]
@@ -21,6 +22,14 @@ pub struct IoArgs {
     /// Bypass the host page cache (O_DIRECT).
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
+    /// Cache mode, as qemu-io's: none, directsync (O_DIRECT), writeback, writethrough,
+    /// unsafe (syncs ignored).
+    #[arg(short = 't', long = "cache")]
+    cache: Option<String>,
+    /// AIO mode, as qemu-io's (threads, native, io_uring): accepted; vmimg picks its own
+    /// I/O path.
+    #[arg(short = 'i', long = "aio", value_parser = ["threads", "native", "io_uring"])]
+    aio: Option<String>,
     /// Force share: open even if another process writes the image (read-only use only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -190,6 +199,11 @@ impl Session {
             "readv" => self.read(rest, true).await,
             "write" | "w" => self.write(rest, false).await,
             "writev" => self.write(rest, true).await,
+            // qemu-io's asynchronous requests, each completed before the next command
+            // (their reports therefore come in command order).
+            "aio_read" => self.read(rest, true).await,
+            "aio_write" => self.write(rest, true).await,
+            "aio_flush" => Ok(()),
             "discard" | "d" => self.discard(rest).await,
             "flush" | "f" => self
                 .image
@@ -203,6 +217,19 @@ impl Session {
                 Ok(())
             }
             "map" => self.map().await,
+            "alloc" => self.alloc(rest).await,
+            "sigraise" => {
+                let n = rest.first().and_then(|w| w.parse::<i32>().ok());
+                match n {
+                    // SAFETY: raise() takes no pointers; the signal's default action (or
+                    // this process's handler) runs as for a signal from outside.
+                    Some(n) if n > 0 => unsafe {
+                        libc::raise(n);
+                        Ok(())
+                    },
+                    _ => Err("sigraise signal -- raises a signal".to_string()),
+                }
+            }
             _ => {
                 eprintln!("command \"{cmd}\" not found");
                 return false;
@@ -260,7 +287,7 @@ impl Session {
         } else {
             "read [-abCqv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset"
         };
-        let p = parse_words(words, "P", "abCqvp")?;
+        let p = parse_words(words, "P", "abCiqvp")?;
         let pattern = p.value('P').map(parse_pattern).transpose()?;
         let (off, lens) = Self::off_lens(&p, vectored, usage)?;
         Self::limit(&p, &lens, vectored, "")?;
@@ -300,7 +327,8 @@ impl Session {
         } else {
             "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset"
         };
-        let p = parse_words(words, "Ps", "bcCfnqruz")?;
+        // -i (aio_write: invalidate the cache first) changes nothing here.
+        let p = parse_words(words, "Ps", "bcCfinpqruz")?;
         let pattern = p.value('P').map(parse_pattern).transpose()?.unwrap_or(0xcd);
         if p.has('P') && p.has('s') {
             return Err("-P and -s cannot be specified at the same time".into());
@@ -384,6 +412,46 @@ impl Session {
             .map_err(|e| format!("truncate: {e}"))
     }
 
+    /// qemu-io's `alloc OFFSET [COUNT]`: how many bytes of the range this image itself
+    /// allocates (not its backing files), COUNT one sector by default.
+    async fn alloc(&mut self, words: &[&str]) -> Result<(), String> {
+        if words.is_empty() || words.len() > 2 {
+            return Err("alloc offset [count] -- checks if offset is allocated in the file".into());
+        }
+        let off = parse_num(words[0])?;
+        if off % 512 != 0 {
+            return Err(format!("offset {off} is not sector aligned"));
+        }
+        let count = match words.get(1) {
+            Some(w) => parse_num(w)?,
+            None => 512,
+        };
+        if count % 512 != 0 {
+            return Err(format!("count {count} is not sector aligned"));
+        }
+        let end = off.saturating_add(count).min(self.image.size());
+        let (mut at, mut allocated) = (off, 0u64);
+        while at < end {
+            let st = self
+                .image
+                .block_status(at, end - at)
+                .await
+                .map_err(|e| format!("alloc failed: {e}"))?;
+            if st.len == 0 {
+                break;
+            }
+            if st.depth == 0 && st.present() {
+                allocated += st.len;
+            }
+            at += st.len;
+        }
+        self.say(&format!(
+            "{allocated}/{count} bytes allocated at offset {}",
+            io_size(off as f64)
+        ));
+        Ok(())
+    }
+
     async fn map(&mut self) -> Result<(), String> {
         let size = self.image.size();
         let mut off = 0u64;
@@ -421,10 +489,14 @@ impl Session {
 }
 
 pub async fn run(args: IoArgs) -> CmdResult {
-    let opts = OpenOptions::new()
+    let mut opts = OpenOptions::new()
         .writable(!args.read_only)
         .direct(args.nocache)
         .force_share(args.force_share);
+    if let Some(mode) = &args.cache {
+        opts = crate::cache_mode(opts, mode)?;
+    }
+    let _ = &args.aio;
     let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
     let mut session = Session {
         image,

@@ -25,7 +25,13 @@ use vmimg::{Error, ErrorKind, Format, Image, ImageOpen, OpenOptions};
 
 /// Disk-image toolkit: inspect, create, convert, compare and exercise VM disk images.
 #[derive(Parser, Debug)]
-#[command(name = "vmimg", version, about, propagate_version = true)]
+#[command(
+    name = "vmimg",
+    version,
+    about,
+    propagate_version = true,
+    args_override_self = true
+)]
 struct Cli {
     /// Treat images as hostile: the format must be given with -f, and no file named inside
     /// an image (backing file, data file) is opened.
@@ -33,6 +39,36 @@ struct Cli {
     untrusted: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The tool this process is: `vmimg`, or the QEMU tool whose name it was invoked under
+/// (a symlink named `qemu-img`, `qemu-io` or `qemu-nbd`); messages start with it.
+static PROG: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The name messages start with (`vmimg`, or the personality's: `qemu-img`, ...).
+pub fn prog() -> &'static str {
+    PROG.get().copied().unwrap_or("vmimg")
+}
+
+/// The command line as vmimg's own: under a QEMU tool's name, the arguments of that tool
+/// become those of the matching subcommand (`qemu-io ARGS` is `vmimg io ARGS`, `qemu-nbd
+/// ARGS` is `vmimg serve ARGS`, `qemu-img ARGS` is `vmimg ARGS`).
+fn personality(mut args: Vec<std::ffi::OsString>) -> (&'static str, Vec<std::ffi::OsString>) {
+    let name = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("vmimg");
+    let (prog, sub) = match name {
+        "qemu-img" => ("qemu-img", None),
+        "qemu-io" => ("qemu-io", Some("io")),
+        "qemu-nbd" => ("qemu-nbd", Some("serve")),
+        _ => ("vmimg", None),
+    };
+    if let Some(sub) = sub {
+        args.insert(1, sub.into());
+    }
+    (prog, args)
 }
 
 /// Set from `--untrusted` before any command runs.
@@ -198,7 +234,21 @@ fn limit_malloc_arenas() {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    let cli = Cli::parse();
+    let (name, args) = personality(std::env::args_os().collect());
+    let _ = PROG.set(name);
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // QEMU's tools exit 1 on usage errors (clap's own status is 2).
+            let status = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ if name == "vmimg" => 2,
+                _ => 1,
+            };
+            return ExitCode::from(status);
+        }
+    };
     UNTRUSTED.store(cli.untrusted, std::sync::atomic::Ordering::Relaxed);
     // Exit status on error: 2 for compare (1 means "different" there), 1 elsewhere.
     let error_status = match cli.cmd {
@@ -211,7 +261,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("vmimg: cannot start the runtime: {e}");
+            eprintln!("{}: cannot start the runtime: {e}", prog());
             return ExitCode::from(error_status);
         }
     };
@@ -238,7 +288,7 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("vmimg: {e}");
+            eprintln!("{}: {e}", prog());
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
                 eprintln!("  caused by: {s}");

@@ -46,12 +46,18 @@ pub async fn run(args: ResizeArgs) -> CmdResult {
         parse_size(&args.size).map_err(usage_error)?
     };
     if new_size < current {
-        let warning = "vmimg: warning: Shrinking an image will delete all data beyond the \
-                       shrunken image's end. Before performing such an operation, make sure \
-                       there is no important data there.";
+        let warning = format!(
+            "{}: warning: Shrinking an image will delete all data beyond the shrunken image's \
+             end. Before performing such an operation, make sure there is no important data \
+             there.",
+            crate::prog()
+        );
         if !args.shrink {
             // As qemu-img: the refusal, then the warning.
-            eprintln!("vmimg: Use the --shrink option to perform a shrink operation.");
+            eprintln!(
+                "{}: Use the --shrink option to perform a shrink operation.",
+                crate::prog()
+            );
             eprintln!("{warning}");
             return Ok(1);
         }

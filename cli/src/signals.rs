@@ -75,7 +75,7 @@ async fn flush_tracked() {
     let images: Vec<Image> = std::mem::take(&mut *TRACKED.lock().unwrap());
     for image in images {
         if let Err(e) = image.flush().await {
-            eprintln!("vmimg: flushing after a signal: {e}");
+            eprintln!("{}: flushing after a signal: {e}", crate::prog());
         }
     }
 }
