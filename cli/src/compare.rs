@@ -98,12 +98,9 @@ pub async fn run(args: CompareArgs) -> CmdResult {
         }
     };
     let (sa, sb) = (a.size(), b.size());
-    if sa != sb {
-        if args.strict {
-            say("Strict mode: Image size mismatch!".into());
-            return Ok(1);
-        }
-        say("Warning: Image size mismatch!".into());
+    if sa != sb && args.strict {
+        say("Strict mode: Image size mismatch!".into());
+        return Ok(1);
     }
     let common = sa.min(sb);
     let mut off = 0u64;
@@ -127,6 +124,10 @@ pub async fn run(args: CompareArgs) -> CmdResult {
             return Ok(1);
         }
         off += len;
+    }
+    if sa != sb {
+        // As qemu-img: once the common part compared equal.
+        say("Warning: Image size mismatch!".into());
     }
     let longer = if sa > sb { &a } else { &b };
     if let Some(at) = first_nonzero(longer, common, sa.max(sb)).await? {

@@ -244,7 +244,8 @@ impl Qcow2Create {
             .ok_or_else(|| invalid("Image size too large"))?;
         if l1_size * 8 > header::MAX_L1_BYTES {
             return Err(invalid(
-                "The image size is too large for the cluster size (L1 table would exceed 32 MiB)",
+                "The image size is too large for file format 'qcow2' (try using a larger \
+                 cluster size)",
             ));
         }
         // A zero-size disk has no L1 table at all (offset 0), as QEMU creates it.

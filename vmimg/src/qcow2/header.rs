@@ -184,13 +184,16 @@ pub enum HeaderError {
     #[error("data-file-raw is set but the image has no external data file")]
     DataFileRawWithoutDataFile,
     /// L1 table larger than QEMU's limit.
-    #[error("L1 table of {entries} entries is too large (limit 32 MiB)")]
+    #[error("Active L1 table too large ({entries} entries; the limit is 32 MiB)")]
     L1TooLarge {
         /// l1_size.
         entries: u32,
     },
+    /// A virtual size whose L1 table would have more than `i32::MAX` entries.
+    #[error("Image is too big")]
+    TooBig,
     /// L1 table too small for the virtual size.
-    #[error("L1 table of {entries} entries is too small for the virtual size {size:#x}")]
+    #[error("L1 table is too small ({entries} entries for the virtual size {size:#x})")]
     L1TooSmall {
         /// l1_size.
         entries: u32,
@@ -481,6 +484,9 @@ impl Header {
         let needed = geometry
             .l1_entries_for(self.size)
             .ok_or(HeaderError::SizeTooLarge(self.size))?;
+        if needed > i32::MAX as u64 {
+            return Err(HeaderError::TooBig);
+        }
         if u64::from(self.l1_size) < needed {
             return Err(HeaderError::L1TooSmall {
                 entries: self.l1_size,

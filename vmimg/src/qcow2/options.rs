@@ -109,9 +109,12 @@ fn shape(o: &FormatOptions) -> Result<Shape> {
 
 /// A creation from checked options.
 pub fn create_from_options(o: &FormatOptions) -> Result<Qcow2Create> {
+    // Whole sectors, as qemu-img rounds them.
     let size = o
         .size("size")
-        .ok_or_else(|| invalid("Image creation needs a size parameter"))?;
+        .ok_or_else(|| invalid("Image creation needs a size parameter"))?
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| invalid("Image size is too large"))?;
     let s = shape(o)?;
     let compression = match o.str("compression_type") {
         None | Some("zlib") => CompressionType::Deflate,
