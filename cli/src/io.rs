@@ -36,8 +36,8 @@ pub struct IoArgs {
     /// Command to run (repeatable); without any, commands are read from standard input.
     #[arg(short = 'c', long = "cmd")]
     commands: Vec<String>,
-    /// The image.
-    filename: String,
+    /// The image (none: start without one, for `open`).
+    filename: Option<String>,
 }
 
 /// A parsed command line: flags with their values, then positional words.
@@ -167,11 +167,92 @@ fn dump(buf: &[u8], offset: u64) -> String {
 const MAX_REQUEST: u64 = 2_147_483_136;
 
 struct Session {
-    image: Image,
+    /// The open image (none before `open`, after `close`, or when started without a file).
+    image: Option<Image>,
     out: std::io::Stdout,
+    /// The format given on the command line, for `open`.
+    format: Option<String>,
+    /// The open options given on the command line, for `open`.
+    opts: OpenOptions,
 }
 
+/// Commands that run without an open image.
+const NO_FILE_OK: &[&str] = &["open", "o", "close", "c", "help", "sigraise", "sleep"];
+
 impl Session {
+    /// The open image (commands needing one are only run when there is one).
+    fn image(&self) -> &Image {
+        self.image
+            .as_ref()
+            .expect("run_line checks that an image is open")
+    }
+
+    /// qemu-io's `open [-rsnCkU] [-t CACHE] [-o OPTIONS] [FILE]` (OPTIONS: `driver=FMT`,
+    /// `file.filename=FILE` or `filename=FILE`, `file.driver=file`).
+    async fn open(&mut self, words: &[&str]) -> Result<(), String> {
+        if self.image.is_some() {
+            eprintln!("{}: file open already, try 'help close'", crate::prog());
+            return Err(String::new());
+        }
+        let usage = "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file \
+                     specified by path";
+        // As qemu-io (getopt): the complaint on stderr, the usage on stdout.
+        let p = parse_words(words, "tdo", "rsnCkU").map_err(|e| {
+            eprintln!("open: {e}");
+            usage.to_string()
+        })?;
+        let mut format = self.format.clone();
+        let mut file = p.args.first().map(|f| f.to_string());
+        if let Some(list) = p.value('o') {
+            for item in list.split(',') {
+                let (k, v) = item.split_once('=').unwrap_or((item, ""));
+                match k {
+                    "driver" => format = Some(v.to_string()),
+                    "filename" | "file.filename" => file = Some(v.to_string()),
+                    "file.driver" if v == "file" => {}
+                    _ => return Err(format!("open: option '{k}' is not supported")),
+                }
+            }
+        }
+        let Some(file) = file else {
+            return Err("open: no file name given".into());
+        };
+        let mut opts = self.opts.clone();
+        if p.has('r') {
+            opts = opts.writable(false);
+        }
+        if p.has('n') {
+            opts = opts.direct(true);
+        }
+        if p.has('U') {
+            opts = opts.force_share(true);
+        }
+        if let Some(mode) = p.value('t') {
+            opts = crate::cache_mode(opts, mode).map_err(|e| e.to_string())?;
+        }
+        let image = open_image_with(&file, format.as_deref(), opts)
+            .await
+            .map_err(|e| {
+                eprintln!("{}: can't open device {file}: {e}", crate::prog());
+                String::new()
+            })?;
+        self.image = Some(image);
+        Ok(())
+    }
+
+    /// qemu-io's `close`: flushes and closes the image.
+    async fn close(&mut self) -> Result<(), String> {
+        if let Some(image) = self.image.take() {
+            if image.is_writable() {
+                image
+                    .flush()
+                    .await
+                    .map_err(|e| format!("close: flush failed: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     fn say(&mut self, s: &str) {
         // A closed stdout must not abort the workload: ignore write errors.
         let mut lock = self.out.lock();
@@ -194,7 +275,13 @@ impl Session {
         let Some((&cmd, rest)) = words.split_first() else {
             return true;
         };
+        if self.image.is_none() && !NO_FILE_OK.contains(&cmd) {
+            eprintln!("no file open, try 'help open'");
+            return false;
+        }
         let result = match cmd {
+            "open" | "o" => self.open(rest).await,
+            "close" | "c" => self.close().await,
             "read" | "r" => self.read(rest, false).await,
             "readv" => self.read(rest, true).await,
             "write" | "w" => self.write(rest, false).await,
@@ -206,13 +293,13 @@ impl Session {
             "aio_flush" => Ok(()),
             "discard" | "d" => self.discard(rest).await,
             "flush" | "f" => self
-                .image
+                .image()
                 .sync()
                 .await
                 .map_err(|e| format!("flush failed: {e}")),
             "truncate" | "t" => self.truncate(rest).await,
             "length" | "l" => {
-                let s = io_size(self.image.size() as f64);
+                let s = io_size(self.image().size() as f64);
                 self.say(&s);
                 Ok(())
             }
@@ -295,7 +382,7 @@ impl Session {
         let mut buf =
             vec![0u8; usize::try_from(total).map_err(|_| "read failed: too large".to_string())?];
         let start = Instant::now();
-        self.image
+        self.image()
             .read(off, &mut buf)
             .await
             .map_err(|e| format!("read failed: {e}"))?;
@@ -347,7 +434,7 @@ impl Session {
             if p.has('P') {
                 return Err("-z and -P cannot be specified at the same time".into());
             }
-            self.image
+            self.image()
                 .write_zeroes(off, total, p.has('u'))
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
@@ -365,7 +452,7 @@ impl Session {
                 }
                 None => vec![pattern; n],
             };
-            self.image
+            self.image()
                 .write(off, &buf)
                 .await
                 .map_err(|e| format!("write failed: {e}"))?;
@@ -383,7 +470,7 @@ impl Session {
         )?;
         Self::limit(&p, &lens, false, "")?;
         let start = Instant::now();
-        self.image
+        self.image()
             .discard(off, lens[0], DiscardMode::ReadsAnything)
             .await
             .map_err(|e| format!("discard failed: {e}"))?;
@@ -406,7 +493,7 @@ impl Session {
             }
             None => PreallocMode::Off,
         };
-        self.image
+        self.image()
             .resize(size, mode)
             .await
             .map_err(|e| format!("truncate: {e}"))
@@ -429,11 +516,11 @@ impl Session {
         if count % 512 != 0 {
             return Err(format!("count {count} is not sector aligned"));
         }
-        let end = off.saturating_add(count).min(self.image.size());
+        let end = off.saturating_add(count).min(self.image().size());
         let (mut at, mut allocated) = (off, 0u64);
         while at < end {
             let st = self
-                .image
+                .image()
                 .block_status(at, end - at)
                 .await
                 .map_err(|e| format!("alloc failed: {e}"))?;
@@ -453,13 +540,13 @@ impl Session {
     }
 
     async fn map(&mut self) -> Result<(), String> {
-        let size = self.image.size();
+        let size = self.image().size();
         let mut off = 0u64;
         let mut run: Option<(bool, u64, u64)> = None;
         let mut lines = Vec::new();
         while off < size {
             let st: BlockStatus = self
-                .image
+                .image()
                 .block_status(off, size - off)
                 .await
                 .map_err(|e| format!("map failed: {e}"))?;
@@ -497,10 +584,15 @@ pub async fn run(args: IoArgs) -> CmdResult {
         opts = crate::cache_mode(opts, mode)?;
     }
     let _ = &args.aio;
-    let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
+    let image = match &args.filename {
+        Some(f) => Some(open_image_with(f, args.format.as_deref(), opts.clone()).await?),
+        None => None,
+    };
     let mut session = Session {
         image,
         out: std::io::stdout(),
+        format: args.format.clone(),
+        opts,
     };
     let mut failed = false;
     let mut lines = command_lines(args.commands);
@@ -518,8 +610,10 @@ pub async fn run(args: IoArgs) -> CmdResult {
         }
         failed |= !session.run_line(&line).await;
     }
-    if session.image.is_writable() {
-        session.image.flush().await?;
+    if let Some(image) = &session.image {
+        if image.is_writable() {
+            image.flush().await?;
+        }
     }
     crate::signals::check()?;
     Ok(u8::from(failed))

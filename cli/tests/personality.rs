@@ -136,3 +136,49 @@ fn qemu_io_commands_of_the_suite_match_qemu_io() {
     let (st, _, _) = run(&bin.join("qemu-io"), &["-c", "sigraise 9", "v.qcow2"], d);
     assert_eq!(st, -1, "killed by SIGKILL, as qemu-io is");
 }
+
+/// qemu-io's `open` and `close`, and a session started without a file: the same reports on
+/// stdout and the same complaints on stderr as qemu-io's.
+#[test]
+fn qemu_io_open_and_close_match_qemu_io() {
+    let dir = tempdir();
+    let d = dir.path();
+    let bin = tools(d);
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "o.qcow2", "1M"]).ok();
+    qemu_io_in(d, ["-c", "write -P 0x33 0 4k", "o.qcow2"]).ok();
+    let cmds = [
+        "read 0 512",
+        "open -o driver=qcow2 o.qcow2",
+        "read -P 0x33 0 512",
+        "open o.qcow2",
+        "close",
+        "read 0 512",
+        "open -r -o driver=raw o.qcow2",
+        "read -P 0x51 0 1",
+        "close",
+        "open -f qcow2 -r o.qcow2",
+    ];
+    let mut args = vec![];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    let q = qemu_io_in(d, &args);
+    let (_, out, err) = run(&bin.join("qemu-io"), &args, d);
+    assert_eq!(io_data_lines(&out), io_data_lines(&q.stdout));
+    let lines = |s: &str| {
+        let mut l: Vec<String> = s.lines().map(String::from).collect();
+        l.sort();
+        l
+    };
+    assert_eq!(
+        lines(&err).len(),
+        lines(&q.stderr).len(),
+        "{err} / {}",
+        q.stderr
+    );
+    assert!(err.contains("no file open, try 'help open'"), "{err}");
+    assert!(
+        err.contains("qemu-io: file open already, try 'help close'"),
+        "{err}"
+    );
+}
