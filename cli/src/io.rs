@@ -33,6 +33,9 @@ pub struct IoArgs {
     /// Force share: open even if another process writes the image (read-only use only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Snapshot mode: writes go to a temporary overlay, the image is left as it was.
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
     /// Command to run (repeatable); without any, commands are read from standard input.
     #[arg(short = 'c', long = "cmd")]
     commands: Vec<String>,
@@ -374,11 +377,20 @@ impl Session {
         } else {
             "read [-abCqv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset"
         };
-        let p = parse_words(words, "P", "abCiqvp")?;
+        let p = parse_words(words, if vectored { "P" } else { "Psl" }, "abCiqvp")?;
         let pattern = p.value('P').map(parse_pattern).transpose()?;
         let (off, lens) = Self::off_lens(&p, vectored, usage)?;
         Self::limit(&p, &lens, vectored, "")?;
         let total: u64 = lens.iter().sum();
+        // The part the pattern is checked in: -s (from the start of the read) and -l.
+        let check_from = p.value('s').map(parse_num).transpose()?.unwrap_or(0);
+        let check_len = match p.value('l') {
+            Some(l) => parse_num(l)?,
+            None => total.saturating_sub(check_from),
+        };
+        if check_from.saturating_add(check_len) > total {
+            return Err("pattern verification range exceeds end of read data".into());
+        }
         let mut buf =
             vec![0u8; usize::try_from(total).map_err(|_| "read failed: too large".to_string())?];
         let start = Instant::now();
@@ -388,9 +400,11 @@ impl Session {
             .map_err(|e| format!("read failed: {e}"))?;
         let mut ok = true;
         if let Some(pat) = pattern {
-            if buf.iter().any(|&b| b != pat) {
+            let range = check_from as usize..(check_from + check_len) as usize;
+            if buf[range].iter().any(|&b| b != pat) {
                 self.say(&format!(
-                    "Pattern verification failed at offset {off}, {total} bytes"
+                    "Pattern verification failed at offset {}, {check_len} bytes",
+                    off + check_from
                 ));
                 ok = false;
             }
@@ -585,6 +599,7 @@ pub async fn run(args: IoArgs) -> CmdResult {
     }
     let _ = &args.aio;
     let image = match &args.filename {
+        Some(f) if args.snapshot => Some(snapshot_overlay(f, args.format.as_deref(), &opts).await?),
         Some(f) => Some(open_image_with(f, args.format.as_deref(), opts.clone()).await?),
         None => None,
     };
@@ -617,6 +632,38 @@ pub async fn run(args: IoArgs) -> CmdResult {
     }
     crate::signals::check()?;
     Ok(u8::from(failed))
+}
+
+/// qemu-io's `-s`: `file` read-only under a temporary qcow2 overlay that takes the writes
+/// (its file is unlinked once open, so nothing is left behind).
+async fn snapshot_overlay(
+    file: &str,
+    format: Option<&str>,
+    opts: &OpenOptions,
+) -> Result<Image, vmimg::Error> {
+    let base = open_image_with(file, format, opts.clone().writable(false)).await?;
+    let (size, base_format) = (base.size(), base.format().name());
+    drop(base);
+    let abs = std::fs::canonicalize(file).map_err(vmimg::Error::from)?;
+    let overlay = std::env::temp_dir().join(format!(
+        "vmimg-snapshot-{}-{}.qcow2",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    vmimg::Qcow2Create::new(size)
+        .backing_file(abs.to_string_lossy(), Some(base_format.to_string()))
+        .create(&overlay)
+        .await?;
+    let image = open_image_with(
+        &overlay.to_string_lossy(),
+        Some("qcow2"),
+        opts.clone().writable(true),
+    )
+    .await;
+    let _ = std::fs::remove_file(&overlay);
+    image
 }
 
 /// The commands to run: those given with `-c`, or else the lines of standard input, read

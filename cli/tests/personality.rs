@@ -182,3 +182,41 @@ fn qemu_io_open_and_close_match_qemu_io() {
         "{err}"
     );
 }
+
+/// qemu-io's `-s` (writes to a temporary overlay; the image is left as it was) and
+/// `read -P -s -l` (the pattern checked in part of the read), as qemu-io reports them.
+#[test]
+fn qemu_io_snapshot_mode_and_partial_patterns_match_qemu_io() {
+    let dir = tempdir();
+    let d = dir.path();
+    let bin = tools(d);
+    for img in ["q.raw", "v.raw"] {
+        qemu_img_in(d, ["create", "-q", "-f", "raw", img, "4M"]).ok();
+    }
+    let cmds = [
+        "write -P 65 2048k 4k",
+        "read -P 65 -s 4k -l 4k 2044k 8k",
+        "read -P 65 -s 0 -l 4k 2044k 8k",
+        "read -P 1 -s 4k -l 8k 2044k 8k",
+        "read -P 0 -l 4k 0 8k",
+    ];
+    let mut args = vec!["-s", "-f", "raw"];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    let mut q = args.clone();
+    q.push("q.raw");
+    let mut v = args;
+    v.push("v.raw");
+    let qo = qemu_io_in(d, &q);
+    let (_, vo, _) = run(&bin.join("qemu-io"), &v, d);
+    assert_eq!(io_data_lines(&vo), io_data_lines(&qo.stdout));
+    assert!(vo.contains("Pattern verification failed at offset 2093056, 4096 bytes"));
+    // Neither image changed.
+    for img in ["q.raw", "v.raw"] {
+        assert!(
+            std::fs::read(d.join(img)).unwrap().iter().all(|&b| b == 0),
+            "{img}"
+        );
+    }
+}
