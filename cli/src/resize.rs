@@ -46,22 +46,20 @@ pub async fn run(args: ResizeArgs) -> CmdResult {
         parse_size(&args.size).map_err(usage_error)?
     };
     if new_size < current {
-        let warning = format!(
-            "{}: warning: Shrinking an image will delete all data beyond the shrunken image's \
-             end. Before performing such an operation, make sure there is no important data \
-             there.",
-            crate::prog()
-        );
         if !args.shrink {
-            // As qemu-img: the refusal, then the warning.
+            // As qemu-img: the refusal, then the warning (with --shrink, no warning).
             eprintln!(
                 "{}: Use the --shrink option to perform a shrink operation.",
                 crate::prog()
             );
-            eprintln!("{warning}");
+            eprintln!(
+                "{}: warning: Shrinking an image will delete all data beyond the shrunken \
+                 image's end. Before performing such an operation, make sure there is no \
+                 important data there.",
+                crate::prog()
+            );
             return Ok(1);
         }
-        eprintln!("{warning}");
         if prealloc != PreallocMode::Off {
             return Err(usage_error(
                 "Preallocation can only be used for growing images",

@@ -869,3 +869,28 @@ fn sizes_round_to_sectors_and_compare_warns_after_the_common_part() {
     assert!(cases[0].contains("Warning: Image size mismatch!"));
     assert!(!cases[1].contains("Warning"), "{}", cases[1]);
 }
+
+/// resize's messages as qemu-img's (iotest 292): `--shrink` shrinks without a warning;
+/// without it, the refusal and then the warning.
+#[test]
+fn resize_shrink_messages_match_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    for img in ["q.qcow2", "v.qcow2"] {
+        qemu_img_in(d, ["create", "-q", "-f", "qcow2", img, "8M"]).ok();
+    }
+    for args in [
+        &["resize", "IMG", "4M"][..],
+        &["resize", "--shrink", "IMG", "4M"],
+    ] {
+        let with = |img: &'static str| -> Vec<&str> {
+            args.iter()
+                .map(|a| if *a == "IMG" { img } else { *a })
+                .collect()
+        };
+        let q = qemu_img_in(d, with("q.qcow2"));
+        let v = vmimg_in(d, with("v.qcow2"));
+        assert_eq!((v.status, &v.stdout), (q.status, &q.stdout), "{args:?}");
+        assert_eq!(v.stderr.replace("vmimg", "qemu-img"), q.stderr, "{args:?}");
+    }
+}
