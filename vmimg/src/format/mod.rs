@@ -425,6 +425,31 @@ pub(crate) fn random_bytes(buf: &mut [u8]) {
     }
 }
 
+/// Writes `buf` at guest `offset` of `layer` through its own write path (targets, then
+/// commits), for drivers that write through themselves (zero fills, copies from below).
+pub(crate) async fn write_through(
+    layer: &dyn FormatDriver,
+    offset: u64,
+    buf: &[u8],
+    below: ChainView<'_>,
+) -> Result<()> {
+    use crate::storage::StorageExt;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let t = layer
+            .map_for_write(offset + done as u64, (buf.len() - done) as u64, below)
+            .await?;
+        let n = t.len as usize;
+        t.storage.write_at(t.offset, &buf[done..done + n]).await?;
+        drop(t.hold);
+        if let Some(c) = t.commit {
+            c().await?;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// The answer of a read-only format's write operations.
 pub(crate) fn read_only<'a, T: Send + 'a>() -> BoxFuture<'a, Result<T>> {
     Box::pin(async { Err(Error::new(ErrorKind::ReadOnly, "image is opened read-only")) })

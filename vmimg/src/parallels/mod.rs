@@ -524,23 +524,6 @@ impl ParallelsDriver {
         Ok(())
     }
 
-    /// Writes `buf` at guest `offset` through the write path.
-    async fn write_plain(&self, offset: u64, buf: &[u8], below: ChainView<'_>) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let t = self
-                .map_for_write(offset + done as u64, (buf.len() - done) as u64, below)
-                .await?;
-            let n = t.len as usize;
-            t.storage.write_at(t.offset, &buf[done..done + n]).await?;
-            if let Some(c) = t.commit {
-                c().await?;
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
     /// As QEMU's discard: whole clusters only, without a backing file; each allocated one
     /// is released (punched, unallocated, free for reuse).
     async fn release(&self, offset: u64, len: u64) -> Result<()> {
@@ -704,7 +687,7 @@ impl FormatDriver for ParallelsDriver {
             let mut pos = offset;
             while pos < offset + len {
                 let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-                self.write_plain(pos, &zeros[..n], below).await?;
+                crate::format::write_through(self, pos, &zeros[..n], below).await?;
                 pos += n as u64;
             }
             Ok(())
@@ -737,7 +720,7 @@ impl FormatDriver for ParallelsDriver {
                     while pos < offset + len {
                         let mut buf = vec![0u8; (offset + len - pos).min(4 << 20) as usize];
                         below.read(pos, &mut buf).await?;
-                        self.write_plain(pos, &buf, below).await?;
+                        crate::format::write_through(self, pos, &buf, below).await?;
                         pos += buf.len() as u64;
                     }
                     Ok(())

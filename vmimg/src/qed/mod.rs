@@ -443,23 +443,6 @@ impl QedDriver {
             .await
     }
 
-    /// Writes `buf` at guest `offset` through the write path.
-    async fn write_plain(&self, offset: u64, buf: &[u8], below: ChainView<'_>) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let t = self
-                .map_for_write(offset + done as u64, (buf.len() - done) as u64, below)
-                .await?;
-            let n = t.len as usize;
-            t.storage.write_at(t.offset, &buf[done..done + n]).await?;
-            if let Some(c) = t.commit {
-                c().await?;
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
     /// The header's features and size, for tests and diagnostics.
     pub fn header_fields(&self) -> QedHeader {
         self.header()
@@ -606,7 +589,7 @@ impl FormatDriver for QedDriver {
                         if first_whole < last_whole {
                             if pos < first_whole {
                                 let z = vec![0u8; (first_whole - pos) as usize];
-                                self.write_plain(pos, &z, below).await?;
+                                crate::format::write_through(self, pos, &z, below).await?;
                             }
                             self.set_zero_clusters(
                                 first_whole / cs,
@@ -615,11 +598,11 @@ impl FormatDriver for QedDriver {
                             .await?;
                             if last_whole < pos + run {
                                 let z = vec![0u8; (pos + run - last_whole) as usize];
-                                self.write_plain(last_whole, &z, below).await?;
+                                crate::format::write_through(self, last_whole, &z, below).await?;
                             }
                         } else {
                             let z = vec![0u8; run as usize];
-                            self.write_plain(pos, &z, below).await?;
+                            crate::format::write_through(self, pos, &z, below).await?;
                         }
                     }
                 }
@@ -659,7 +642,7 @@ impl FormatDriver for QedDriver {
                         if entry != Entry::Unallocated {
                             let mut buf = vec![0u8; run.min(4 << 20) as usize];
                             below.read(pos, &mut buf).await?;
-                            self.write_plain(pos, &buf, below).await?;
+                            crate::format::write_through(self, pos, &buf, below).await?;
                             pos += buf.len() as u64;
                             continue;
                         }

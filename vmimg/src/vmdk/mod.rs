@@ -415,24 +415,6 @@ impl VmdkDriver {
         })
     }
 
-    /// Writes `buf` at `offset` through the ordinary write path.
-    async fn write_plain(&self, offset: u64, buf: &[u8], below: ChainView<'_>) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let t = self
-                .map_for_write(offset + done as u64, (buf.len() - done) as u64, below)
-                .await?;
-            let n = t.len as usize;
-            t.storage.write_at(t.offset, &buf[done..done + n]).await?;
-            drop(t.hold);
-            if let Some(c) = t.commit {
-                c().await?;
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
     /// Distinct files of the disk: the descriptor's, then the extents'.
     fn files(&self) -> Vec<&Arc<dyn Storage>> {
         let mut out: Vec<&Arc<dyn Storage>> = vec![&self.file];
@@ -782,10 +764,10 @@ impl FormatDriver for VmdkDriver {
             let (_, e) = self.extent_at(offset);
             Self::writable_extent(e)?;
             let ExtentData::Sparse(s) = &e.data else {
-                return self.write_plain(offset, buf, below).await;
+                return crate::format::write_through(self, offset, buf, below).await;
             };
             if !s.compressed {
-                return self.write_plain(offset, buf, below).await;
+                return crate::format::write_through(self, offset, buf, below).await;
             }
             let within = offset - e.start;
             let gb = s.grain_bytes();
