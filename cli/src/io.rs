@@ -177,10 +177,25 @@ struct Session {
     format: Option<String>,
     /// The open options given on the command line, for `open`.
     opts: OpenOptions,
+    /// The file the open image was opened from, for `reopen`.
+    file: Option<String>,
 }
 
 /// Commands that run without an open image.
 const NO_FILE_OK: &[&str] = &["open", "o", "close", "c", "help", "sigraise", "sleep"];
+
+/// Commands that need write permission on the image (qemu-io refuses them on a read-only
+/// one before parsing them).
+const NEEDS_WRITE: &[&str] = &[
+    "write",
+    "w",
+    "writev",
+    "aio_write",
+    "discard",
+    "d",
+    "truncate",
+    "t",
+];
 
 impl Session {
     /// The open image (commands needing one are only run when there is one).
@@ -240,12 +255,58 @@ impl Session {
                 String::new()
             })?;
         self.image = Some(image);
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// qemu-io's `reopen [-r|-w] [-t CACHE]`: the image closed and opened again, read-only
+    /// or writable (as it was without either flag).
+    async fn reopen(&mut self, words: &[&str]) -> Result<(), String> {
+        let usage = "reopen [-d] [-r|-w] [-c cache] [-o options] -- reopens an image with new \
+                     options";
+        let p = parse_words(words, "t", "rw").map_err(|e| {
+            eprintln!("reopen: {e}");
+            usage.to_string()
+        })?;
+        if p.has('r') && p.has('w') {
+            eprintln!("{}: Only one -r/-w option may be given", crate::prog());
+            return Err(String::new());
+        }
+        let Some(file) = self.file.clone() else {
+            return Err("reopen: the image was not opened from a file".into());
+        };
+        let image = self.image();
+        let writable = if p.has('r') {
+            false
+        } else {
+            p.has('w') || image.is_writable()
+        };
+        let format = image.format().name();
+        let mut opts = self.opts.clone().writable(writable);
+        if let Some(mode) = p.value('t') {
+            opts = crate::cache_mode(opts, mode).map_err(|e| e.to_string())?;
+        }
+        self.close().await?;
+        // The closed handle's file (and its locks) goes away once the last request of it
+        // has finished on the I/O threads: wait for that a little.
+        let mut tries = 0;
+        let image = loop {
+            match open_image_with(&file, Some(format), opts.clone()).await {
+                Err(e) if e.kind() == vmimg::ErrorKind::Locked && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                r => break r.map_err(|e| format!("reopen failed: {e}"))?,
+            }
+        };
+        self.image = Some(image);
         Ok(())
     }
 
     /// qemu-io's `close`: flushes and closes the image.
     async fn close(&mut self) -> Result<(), String> {
         if let Some(image) = self.image.take() {
+            crate::signals::untrack(&image);
             if image.is_writable() {
                 image
                     .flush()
@@ -282,9 +343,14 @@ impl Session {
             eprintln!("no file open, try 'help open'");
             return false;
         }
+        if NEEDS_WRITE.contains(&cmd) && !self.image().is_writable() {
+            eprintln!("{}: Block node is read-only", crate::prog());
+            return false;
+        }
         let result = match cmd {
             "open" | "o" => self.open(rest).await,
             "close" | "c" => self.close().await,
+            "reopen" => self.reopen(rest).await,
             "read" | "r" => self.read(rest, false).await,
             "readv" => self.read(rest, true).await,
             "write" | "w" => self.write(rest, false).await,
@@ -608,6 +674,8 @@ pub async fn run(args: IoArgs) -> CmdResult {
         out: std::io::stdout(),
         format: args.format.clone(),
         opts,
+        // A snapshot overlay has no file to reopen.
+        file: args.filename.clone().filter(|_| !args.snapshot),
     };
     let mut failed = false;
     let mut lines = command_lines(args.commands);
@@ -643,6 +711,7 @@ async fn snapshot_overlay(
 ) -> Result<Image, vmimg::Error> {
     let base = open_image_with(file, format, opts.clone().writable(false)).await?;
     let (size, base_format) = (base.size(), base.format().name());
+    crate::signals::untrack(&base);
     drop(base);
     let abs = std::fs::canonicalize(file).map_err(vmimg::Error::from)?;
     let overlay = std::env::temp_dir().join(format!(

@@ -71,6 +71,14 @@ pub fn track(image: &Image) {
     }
 }
 
+/// Stops keeping `image` (it is being closed: its file and locks must go with it).
+pub fn untrack(image: &Image) {
+    TRACKED
+        .lock()
+        .unwrap()
+        .retain(|t| !std::sync::Arc::ptr_eq(t.driver(), image.driver()));
+}
+
 async fn flush_tracked() {
     let images: Vec<Image> = std::mem::take(&mut *TRACKED.lock().unwrap());
     for image in images {

@@ -220,3 +220,44 @@ fn qemu_io_snapshot_mode_and_partial_patterns_match_qemu_io() {
         );
     }
 }
+
+/// qemu-io's `reopen -r/-w` and its refusal of writes on a read-only image (iotest 187):
+/// the same reports as qemu-io's, and the image reopened writable takes writes.
+#[test]
+fn qemu_io_reopen_matches_qemu_io() {
+    let dir = tempdir();
+    let d = dir.path();
+    let bin = tools(d);
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "r.qcow2", "64M"]).ok();
+    for cmds in [
+        &["-r", "-c", "write 0 64k"][..],
+        &["-r", "-c", "reopen -w", "-c", "write 0 64k"],
+        &[
+            "-r",
+            "-c",
+            "reopen -w",
+            "-c",
+            "reopen -r",
+            "-c",
+            "write 0 64k",
+        ],
+        &["-c", "reopen -r", "-c", "write 0 64k", "-c", "discard 0 4k"],
+        &[
+            "-c",
+            "reopen -r",
+            "-c",
+            "reopen -w",
+            "-c",
+            "write -P 9 0 64k",
+        ],
+    ] {
+        let mut args = cmds.to_vec();
+        args.push("r.qcow2");
+        let q = qemu_io_in(d, &args);
+        let (st, out, err) = run(&bin.join("qemu-io"), &args, d);
+        assert_eq!(io_data_lines(&out), io_data_lines(&q.stdout), "{cmds:?}");
+        assert_eq!(err.replace("vmimg", "qemu-io"), q.stderr, "{cmds:?}");
+        assert_eq!(st, q.status, "{cmds:?}");
+    }
+    qemu_io_in(d, ["-c", "read -P 9 0 64k", "r.qcow2"]).ok();
+}
