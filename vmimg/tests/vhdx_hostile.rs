@@ -8,6 +8,7 @@ use vmimg::vhdx::header::{
     region_table, state, Header, Region, BAT_REGION, FILE_PARAMETERS, HEADER1, HEADER2,
     LOGICAL_SECTOR, METADATA_REGION, PARENT_LOCATOR, REGION_TABLE, VHDX_LOCATOR_TYPE,
 };
+use vmimg::vhdx::log::build_entry;
 use vmimg::vhdx::VhdxCreate;
 use vmimg::{
     ErrorKind, Format, ImageOpen, ImplicitOpenPolicy, MemoryStorage, OpenOptions, Storage,
@@ -270,6 +271,46 @@ async fn stale_and_impossible_logs() {
         });
     }
     assert!(refused(&b).await.to_string().contains("beyond the end"));
+}
+
+/// A sealed log entry that asks for a file of 2^64 - 1 bytes, or writes a page at the
+/// end of the 64-bit range, is refused on read-only and writable opens (the fuzzer found
+/// an overflow panic when rounding the claimed length up to 1 MiB).
+#[tokio::test]
+async fn logs_claiming_impossible_file_lengths_are_refused() {
+    let good = image().await;
+    let h = Header::parse(&good[HEADER1 as usize..]).unwrap();
+    let guid = [5u8; 16];
+    let file_len = good.len() as u64;
+    let page = vec![0x77u8; 4096];
+    let mut cases = Vec::new();
+    // The claimed length (bytes 56..64 of the entry header) patched and resealed.
+    let mut e = build_entry(&guid, 1, 0, file_len, &[(4096, page.clone())]);
+    e[56..64].copy_from_slice(&u64::MAX.to_le_bytes());
+    vmimg::vhdx::header::seal(&mut e, 4);
+    cases.push(("asks for a file", e));
+    cases.push((
+        "writes at",
+        build_entry(&guid, 1, 0, file_len, &[(u64::MAX - 4095, page)]),
+    ));
+    for (words, entry) in cases {
+        let mut b = good.clone();
+        let at = h.log_offset as usize;
+        b[at..at + entry.len()].copy_from_slice(&entry);
+        for slot in 0..2 {
+            edit_header(&mut b, slot, |h| h.log_guid = guid);
+        }
+        for writable in [false, true] {
+            let Err(err) = open(&b, writable).await else {
+                panic!("the image opened ({writable})");
+            };
+            assert!(err.to_string().contains(words), "{writable}: {err}");
+            assert!(
+                err.to_string().contains("beyond what a file can hold"),
+                "{err}"
+            );
+        }
+    }
 }
 
 /// 4096-byte logical sectors (QEMU refuses them): the chunk ratio follows the sector size.

@@ -238,12 +238,33 @@ pub fn pages_per_entry(log_length: u64) -> usize {
 
 /// Checks that `entries` can be applied to a file of `file_len` bytes.
 pub fn check_applicable(entries: &[LogEntry], file_len: u64) -> Result<()> {
+    // The largest file a log may ask for: `i64::MAX` rounded down to the 1 MiB the file
+    // is extended by (QEMU refuses beyond `INT64_MAX` too).
+    const LIMIT: u64 = (i64::MAX as u64) & !((1 << 20) - 1);
     for e in entries {
         if e.flushed > file_len {
             return Err(invalid(format!(
                 "the VHDX log entry {} expects a file of {} bytes; the file has {file_len}",
                 e.sequence, e.flushed
             )));
+        }
+        if e.last > LIMIT {
+            return Err(invalid(format!(
+                "the VHDX log entry {} asks for a file of {} bytes, beyond what a file can hold",
+                e.sequence, e.last
+            )));
+        }
+        for w in &e.writes {
+            let (offset, len) = match w {
+                LogWrite::Data { offset, bytes } => (*offset, bytes.len() as u64),
+                LogWrite::Zero { offset, len } => (*offset, *len),
+            };
+            if offset.checked_add(len).is_none_or(|end| end > LIMIT) {
+                return Err(invalid(format!(
+                    "the VHDX log entry {} writes at {offset}, beyond what a file can hold",
+                    e.sequence
+                )));
+            }
         }
     }
     Ok(())

@@ -21,7 +21,7 @@
 mod create;
 pub mod header;
 mod layout;
-mod log;
+pub mod log;
 mod replayed;
 
 pub use create::VhdxCreate;
