@@ -57,18 +57,18 @@ pub async fn run(args: CheckArgs) -> CmdResult {
         Some(RepairArg::All) => Repair::All,
     };
     let writable = repair != Repair::None;
+    let opening = |e| crate::opening(&args.filename, e);
     let storage = FileStorageOpen::new(&args.filename)
         .writable(writable)
         .open()
-        .await?;
+        .await
+        .map_err(opening)?;
     let format = match &args.format {
         Some(f) => Format::from_name(f)?,
         None => crate::probe_format(&storage).await?,
     };
     let (perm, shared) = format.permissions(writable, Permissions::ALL, args.force_share)?;
-    storage
-        .set_permissions(perm, shared)
-        .map_err(|e| e.with_operation("open"))?;
+    storage.set_permissions(perm, shared).map_err(opening)?;
     let human = args.output == OutputFormat::Human && !args.quiet;
 
     let entry = format.entry();
@@ -80,10 +80,11 @@ pub async fn run(args: CheckArgs) -> CmdResult {
                     eprintln!("{}: {e}", crate::prog());
                     return Ok(NOT_SUPPORTED);
                 }
-                r => r?,
+                r => r.map_err(opening)?,
             }
         }
-        r => r?,
+        // What the format's check refuses before it starts is what its open refuses.
+        r => r.map_err(opening)?,
     };
     if let Some(status) = messages_and_failure(&first) {
         return Ok(status);

@@ -464,7 +464,9 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
                 size: Some(total),
                 backing: backing.as_deref(),
                 backing_format: backing_format.as_deref(),
-                unsafe_backing: false,
+                // As qemu-img convert: the target is created without opening its backing
+                // file (the size is the source's; the backing opens with the target).
+                unsafe_backing: true,
             },
         )
         .await?;

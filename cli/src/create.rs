@@ -113,33 +113,40 @@ pub async fn plan(
             options.set(key, OptionValue::Str(v.to_string()));
         }
     }
-    if let (Some(b), None) = (options.str("backing_file"), options.str("backing_fmt")) {
-        // As qemu-img 10: the backing format must be named, not probed later.
-        let mut msg = "Backing file specified without backing format".to_string();
-        if !a.unsafe_backing {
-            let dir = std::path::Path::new(a.filename)
-                .parent()
-                .unwrap_or(std::path::Path::new(""));
-            if let Some(found) = detect_format(&dir.join(b)) {
-                msg += &format!("\nDetected format of {found}.");
-            }
-        }
-        return Err(prefixed(usage_error(msg)));
-    }
-    if options.get("size").is_none() {
-        if let (Some(b), Some(f)) = (options.str("backing_file"), options.str("backing_fmt")) {
-            if a.unsafe_backing {
-                return Err(usage_error("Image creation needs a size parameter"));
-            }
+    // qemu-img 10's order: the backing file is opened (its format probed when not named)
+    // unless -u; then a missing backing format is refused, naming what the probe found;
+    // then the size comes from the backing file when it was not given.
+    match (options.str("backing_file"), a.unsafe_backing) {
+        (Some(b), false) => {
             let dir = std::path::Path::new(a.filename)
                 .parent()
                 .unwrap_or(std::path::Path::new(""));
             let path = dir.join(b);
-            let img = open_image(&path.to_string_lossy(), Some(f), false, false)
+            let f = options.str("backing_fmt");
+            let img = open_image(&path.to_string_lossy(), f, false, false)
                 .await
-                .map_err(|e| e.with_operation("open backing file"))?;
-            options.set("size", OptionValue::Size(img.size()));
+                .map_err(|e| {
+                    prefixed(usage_error(format!(
+                        "{}\nCould not open backing image.",
+                        crate::open_reason(&e)
+                    )))
+                })?;
+            if f.is_none() {
+                return Err(prefixed(usage_error(format!(
+                    "Backing file specified without backing format\nDetected format of {}.",
+                    img.format()
+                ))));
+            }
+            if options.get("size").is_none() {
+                options.set("size", OptionValue::Size(img.size()));
+            }
         }
+        (Some(_), true) if options.str("backing_fmt").is_none() => {
+            return Err(prefixed(usage_error(
+                "Backing file specified without backing format",
+            )));
+        }
+        _ => {}
     }
     match options.size("size") {
         None => return Err(usage_error("Image creation needs a size parameter")),
@@ -169,10 +176,11 @@ impl CreatePlan {
             .create(path, &self.options)
             .await
             .map_err(|e| {
-                if e.operation().is_some() {
-                    e
+                // qemu-img's "FILE: reason" (its errors of the file it creates).
+                if e.path().is_none_or(|p| p == path) {
+                    Error::new(e.kind(), format!("{filename}: {}", e.reason()))
                 } else {
-                    usage_error(format!("{filename}: {e}"))
+                    e
                 }
             })
     }
@@ -220,16 +228,4 @@ pub async fn run(args: CreateArgs) -> CmdResult {
     }
     plan.create(filename).await?;
     Ok(0)
-}
-
-/// The format QEMU's probe sees in the file at `path`, for hints in messages.
-fn detect_format(path: &std::path::Path) -> Option<&'static str> {
-    use std::io::Read;
-    let mut first = Vec::with_capacity(vmimg::format::PROBE_BYTES);
-    std::fs::File::open(path)
-        .ok()?
-        .take(vmimg::format::PROBE_BYTES as u64)
-        .read_to_end(&mut first)
-        .ok()?;
-    Some(vmimg::image::probe_bytes(&first, path.to_str()))
 }

@@ -251,7 +251,7 @@ impl Session {
         let image = open_image_with(&file, format.as_deref(), opts)
             .await
             .map_err(|e| {
-                eprintln!("{}: can't open device {file}: {e}", crate::prog());
+                cant_open(&file, &e);
                 String::new()
             })?;
         self.image = Some(image);
@@ -664,10 +664,17 @@ pub async fn run(args: IoArgs) -> CmdResult {
         opts = crate::cache_mode(opts, mode)?;
     }
     let _ = &args.aio;
-    let image = match &args.filename {
-        Some(f) if args.snapshot => Some(snapshot_overlay(f, args.format.as_deref(), &opts).await?),
-        Some(f) => Some(open_image_with(f, args.format.as_deref(), opts.clone()).await?),
+    let opened = match &args.filename {
+        Some(f) if args.snapshot => Some(snapshot_overlay(f, args.format.as_deref(), &opts).await),
+        Some(f) => Some(open_image_with(f, args.format.as_deref(), opts.clone()).await),
         None => None,
+    };
+    let image = match (opened, &args.filename) {
+        (Some(Err(e)), Some(f)) => {
+            cant_open(f, &e);
+            return Ok(1);
+        }
+        (opened, _) => opened.transpose()?,
     };
     let mut session = Session {
         image,
@@ -700,6 +707,13 @@ pub async fn run(args: IoArgs) -> CmdResult {
     }
     crate::signals::check()?;
     Ok(u8::from(failed))
+}
+
+/// qemu-io's report of an image that did not open: "can't open device FILE: " and the
+/// reason, without the "Could not open 'FILE'" that qemu-img puts around it.
+fn cant_open(file: &str, e: &vmimg::Error) {
+    let reason = crate::open_reason(e);
+    eprintln!("{}: can't open device {file}: {reason}", crate::prog());
 }
 
 /// qemu-io's `-s`: `file` read-only under a temporary qcow2 overlay that takes the writes

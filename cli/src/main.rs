@@ -164,6 +164,25 @@ pub async fn open_image_with(
     Ok(image)
 }
 
+/// Why an image did not open, without the "Could not open 'FILE'" around it (qemu-io's
+/// "can't open device FILE: REASON", qemu-img create's "Could not open backing image").
+pub fn open_reason(e: &Error) -> &Error {
+    match e.inner() {
+        Some(inner) if e.operation() == Some("open") => inner,
+        _ => e,
+    }
+}
+
+/// `e` as an error of opening the image `path`: "Could not open 'PATH': " around it, as
+/// qemu-img reports every failure to open an image (once: an error that already says so
+/// is left as it is).
+pub fn opening(path: &str, e: Error) -> Error {
+    if e.operation() == Some("open") && e.path() == Some(std::path::Path::new(path)) && e.inner().is_some() {
+        return e;
+    }
+    e.within("open", Some(std::path::Path::new(path)))
+}
+
 /// QEMU's warning for a writable image whose format was probed as raw.
 pub fn warn_probed_raw(path: &str) {
     eprintln!(

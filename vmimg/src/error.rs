@@ -149,6 +149,26 @@ impl Error {
         self
     }
 
+    /// Wraps this error in a higher-level one that names its own operation and file, as
+    /// QEMU nests its messages: `open` of the image around the `open` of its backing file
+    /// reads "Could not open 'top': Could not open backing file: Could not open 'base':
+    /// No such file or directory". The kind and errno stay the inner error's.
+    pub fn within(self, operation: &'static str, path: Option<&Path>) -> Self {
+        Error {
+            kind: self.kind,
+            message: String::new(),
+            operation: Some(operation),
+            path: path.map(Path::to_path_buf),
+            offset: None,
+            source: Some(Box::new(self)),
+        }
+    }
+
+    /// The error this one wraps (see [`Error::within`]).
+    pub fn inner(&self) -> Option<&Error> {
+        self.source.as_ref()?.downcast_ref::<Error>()
+    }
+
     /// Names the offset involved, unless one is already named.
     pub fn with_offset(mut self, offset: u64) -> Self {
         self.offset.get_or_insert(offset);
@@ -162,6 +182,9 @@ impl Error {
 
     /// The errno that best describes this error: the OS error when there is one, else the kind's.
     pub fn errno(&self) -> i32 {
+        if let Some(inner) = self.inner() {
+            return inner.errno();
+        }
         self.source
             .as_ref()
             .and_then(|s| s.downcast_ref::<io::Error>())
@@ -189,6 +212,12 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut sep = "";
         if let Some(op) = self.operation {
+            // QEMU's words for a file that did not open, which its tests and users match.
+            let op = match (op, &self.path) {
+                ("open", Some(_)) => "Could not open",
+                ("open backing file", _) => "Could not open backing file",
+                _ => op,
+            };
             write!(f, "{op}")?;
             sep = " ";
         }
@@ -203,6 +232,24 @@ impl fmt::Display for Error {
         if !sep.is_empty() {
             f.write_str(": ")?;
         }
+        self.fmt_reason(f)
+    }
+}
+
+impl Error {
+    /// What went wrong, without the operation, file and offset the error names: for
+    /// callers that print the file their own way (qemu-img's "FILE: reason").
+    pub fn reason(&self) -> String {
+        struct Reason<'a>(&'a Error);
+        impl fmt::Display for Reason<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt_reason(f)
+            }
+        }
+        Reason(self).to_string()
+    }
+
+    fn fmt_reason(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.message.is_empty() {
             match &self.source {
                 // An I/O error with no message of our own: show the OS text in place,
@@ -304,6 +351,29 @@ mod tests {
         let other = Error::new(ErrorKind::Io, "copy failed")
             .with_source(io::Error::from_raw_os_error(libc::ENOSPC));
         assert!(std::error::Error::source(&other).is_some());
+    }
+
+    /// QEMU's nesting of open errors: the image around its backing file around the file.
+    #[test]
+    fn open_errors_nest_in_qemus_words() {
+        let file = Error::from_io(io::Error::from_raw_os_error(libc::ENOENT))
+            .with_operation("open")
+            .with_path("/b");
+        assert_eq!(file.to_string(), "Could not open '/b': No such file or directory");
+        let top = file
+            .within("open backing file", None)
+            .within("open", Some(Path::new("/t")));
+        assert_eq!(
+            top.to_string(),
+            "Could not open '/t': Could not open backing file: Could not open '/b': No such \
+             file or directory"
+        );
+        assert_eq!(top.kind(), ErrorKind::NotFound);
+        assert_eq!(top.errno(), libc::ENOENT);
+        assert_eq!(top.path(), Some(Path::new("/t")));
+        let inner = top.inner().unwrap();
+        assert!(inner.to_string().starts_with("Could not open backing file: "));
+        assert!(!format!("{top:?}").contains("caused by"), "{top:?}");
     }
 
     #[test]

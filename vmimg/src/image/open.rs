@@ -338,10 +338,19 @@ impl ImageOpen {
         }
         .await;
         result.map_err(|e| match path {
-            Some(p) => e.with_operation("open").with_path(p),
+            Some(p) => e.within("open", Some(&p)),
             None => e.with_operation("open"),
         })
     }
+}
+
+/// `e` as the error of a layer `depth` backing files down: "Could not open backing file: "
+/// once per layer, as QEMU nests them.
+fn nest(mut e: Error, depth: usize) -> Error {
+    for _ in 0..depth {
+        e = e.within("open backing file", None);
+    }
+    e
 }
 
 /// The file behind a storage, canonicalised, for backing-loop detection.
@@ -432,10 +441,9 @@ pub(crate) async fn open_chain(
             None => Format::probe(storage.as_ref()).await?,
         };
         let writable = top && opts.writable;
-        let layer_err = |e: Error| match storage.path() {
-            Some(p) if !top => e.with_path(p),
-            _ => e,
-        };
+        // Errors of a backing layer nest as QEMU's do, once per layer above it.
+        let depth = layers.len();
+        let layer_err = |e: Error| nest(e, depth);
         let permissions = layer_permissions(format, top, writable, opts)?;
         storage
             .set_permissions(permissions.0, permissions.1)
@@ -485,15 +493,13 @@ pub(crate) async fn open_chain(
             let file = files(opts)
                 .open(kind, &backing.name, &resolved.path, storage.path(), false)
                 .await
-                .map_err(|e| {
-                    e.with_operation("open backing file")
-                        .with_path(&resolved.path)
-                })?;
+                .map_err(|e| nest(e.with_operation("open").with_path(&resolved.path), depth + 1))?;
             let backing_format = backing
                 .format
                 .as_deref()
                 .map(Format::from_name)
-                .transpose()?;
+                .transpose()
+                .map_err(|e| nest(e, depth + 1))?;
             current = Some((file, backing_format));
             expected_id = backing.expected_id;
         }

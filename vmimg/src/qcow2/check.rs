@@ -25,7 +25,7 @@
 //! Not repaired (reported as corruptions): damaged snapshot table entries, which QEMU fixes by
 //! rewriting the whole snapshot table.
 
-use super::header::{incompat, Header};
+use super::header::{autoclear, incompat, Header};
 use super::l2::{compressed_extent, COMPRESSED, COPIED, L1_OFFSET_MASK, L2_OFFSET_MASK, ZERO};
 use super::read_header;
 use super::refcount::{get_entry, set_entry, Refcounts, ReftableMove, REFTABLE_OFFSET_MASK};
@@ -72,7 +72,16 @@ pub async fn check(file: &dyn Storage, repair: Repair) -> Result<CheckReport> {
             "repairing needs the image file opened for writing",
         ));
     }
-    let header = read_header(file).await?;
+    let mut header = read_header(file).await?;
+    // A writable open clears the autoclear bits it does not know (QEMU does it in
+    // `qcow2_do_open()`, which `check -r` goes through).
+    let unknown = header.autoclear_features & !(autoclear::BITMAPS | autoclear::DATA_FILE_RAW);
+    if repair != Repair::None && header.version >= 3 && unknown != 0 {
+        header.autoclear_features &= !unknown;
+        file.write_at(88, &header.autoclear_features.to_be_bytes())
+            .await?;
+        file.sync().await?;
+    }
     let mut c = Checker::new(file, header).await?;
     c.run(repair).await;
     Ok(c.report)

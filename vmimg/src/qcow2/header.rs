@@ -162,11 +162,11 @@ pub enum HeaderError {
     #[error("invalid crypt method {0}")]
     CryptMethod(u32),
     /// Incompatible features this code does not know.
-    #[error("unsupported qcow2 feature(s): {names}")]
+    #[error("Unsupported qcow2 feature(s): {names}")]
     UnknownIncompatible {
         /// The bits.
         bits: u64,
-        /// Their names from the feature table, or "unknown feature bit N".
+        /// Their names from the feature table, then "Unknown incompatible feature: MASK".
         names: String,
     },
     /// Compression type field and bit disagree, or the type is unknown.
@@ -449,17 +449,20 @@ impl Header {
         // Feature names come from the table, so unknown bits are checked after extensions.
         let unknown = h.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
-            let names = (0..64)
-                .filter(|bit| unknown & (1 << bit) != 0)
-                .map(|bit| {
-                    h.feature_names
-                        .iter()
-                        .find(|f| f.kind == 0 && u32::from(f.bit) == bit)
-                        .map(|f| f.name.clone())
-                        .unwrap_or_else(|| format!("unknown feature bit {bit}"))
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            // QEMU's report: the table's names in table order (up to its first unnamed
+            // entry), then the bits left unnamed as one hexadecimal mask.
+            let mut left = unknown;
+            let mut names = Vec::new();
+            for f in h.feature_names.iter().take_while(|f| !f.name.is_empty()) {
+                if f.kind == 0 && f.bit < 64 && left & (1 << f.bit) != 0 {
+                    names.push(f.name.clone());
+                    left &= !(1 << f.bit);
+                }
+            }
+            if left != 0 {
+                names.push(format!("Unknown incompatible feature: {left:x}"));
+            }
+            let names = names.join(", ");
             return Err(HeaderError::UnknownIncompatible {
                 bits: unknown,
                 names,
@@ -562,7 +565,10 @@ impl Header {
                 }
                 ext::DATA_FILE => self.data_file = Some(utf8(data, "data file name")?),
                 ext::FEATURE_TABLE => {
-                    self.feature_names = data
+                    // A last partial entry reads as if padded with zeros, as QEMU reads it.
+                    let mut padded = data.to_vec();
+                    padded.resize(data.len().next_multiple_of(48), 0);
+                    self.feature_names = padded
                         .chunks_exact(48)
                         .map(|e| {
                             let name = &e[2..];
@@ -914,7 +920,9 @@ pub(crate) mod tests {
     fn unknown_incompatible_bit_is_named_from_the_feature_table() {
         let mut b = valid_v3();
         set64(&mut b, 72, 1 << 9);
-        assert!(err(&b).to_string().contains("unknown feature bit 9"));
+        assert!(err(&b)
+            .to_string()
+            .contains("Unknown incompatible feature: 200"));
         // Feature name table extension with one entry naming bit 9.
         set32(&mut b, 112, ext::FEATURE_TABLE);
         set32(&mut b, 116, 48);
