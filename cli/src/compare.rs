@@ -1,4 +1,5 @@
-//! `vmimg compare`: exit 0 identical, 1 different, 2 error (like qemu-img compare).
+//! `vmimg compare`: exit 0 identical, 1 different, 2 error, 4 a read failed (as qemu-img
+//! compare).
 
 use crate::{open_image_with, CmdResult};
 use clap::Args;
@@ -48,13 +49,44 @@ fn first_difference(a: &[u8], b: &[u8], base: u64) -> Option<u64> {
     Some((base + i) / SECTOR * SECTOR)
 }
 
-async fn compare_range(a: &Image, b: &Image, off: u64, len: u64) -> Result<Option<u64>, Error> {
+/// Why a comparison stopped early.
+enum Stop {
+    /// An image could not be read: qemu-img's message, and its exit status 4.
+    Read(String),
+    Other(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Other(e)
+    }
+}
+
+/// Reads `buf` of `img` at `pos`; a failure is qemu-img's "Error while reading".
+async fn read(img: &Image, name: &str, pos: u64, buf: &mut [u8]) -> Result<(), Stop> {
+    img.read(pos, buf).await.map_err(|e| {
+        Stop::Read(format!(
+            "Error while reading offset {pos} of {name}: {}",
+            e.reason()
+        ))
+    })
+}
+
+async fn compare_range(
+    (a, an): (&Image, &str),
+    (b, bn): (&Image, &str),
+    off: u64,
+    len: u64,
+) -> Result<Option<u64>, Stop> {
     let mut pos = off;
     let mut ba = vec![0u8; CHUNK.min(len) as usize];
     let mut bb = vec![0u8; CHUNK.min(len) as usize];
     while pos < off + len {
         let n = CHUNK.min(off + len - pos) as usize;
-        let (ra, rb) = tokio::join!(a.read(pos, &mut ba[..n]), b.read(pos, &mut bb[..n]));
+        let (ra, rb) = tokio::join!(
+            read(a, an, pos, &mut ba[..n]),
+            read(b, bn, pos, &mut bb[..n])
+        );
         ra?;
         rb?;
         if let Some(at) = first_difference(&ba[..n], &bb[..n], pos) {
@@ -66,7 +98,11 @@ async fn compare_range(a: &Image, b: &Image, off: u64, len: u64) -> Result<Optio
 }
 
 /// First non-zero sector of `img` in `[off, end)`, skipping ranges that are known zero.
-async fn first_nonzero(img: &Image, off: u64, end: u64) -> Result<Option<u64>, Error> {
+async fn first_nonzero(
+    (img, name): (&Image, &str),
+    off: u64,
+    end: u64,
+) -> Result<Option<u64>, Stop> {
     let mut pos = off;
     let mut buf = vec![0u8; CHUNK.min(end.saturating_sub(off)) as usize];
     while pos < end {
@@ -75,7 +111,7 @@ async fn first_nonzero(img: &Image, off: u64, end: u64) -> Result<Option<u64>, E
             let mut p = pos;
             while p < pos + st.len {
                 let n = CHUNK.min(pos + st.len - p) as usize;
-                img.read(p, &mut buf[..n]).await?;
+                read(img, name, p, &mut buf[..n]).await?;
                 if !is_zero(&buf[..n]) {
                     let i = buf[..n].iter().position(|&x| x != 0).unwrap_or(0) as u64;
                     return Ok(Some((p + i) / SECTOR * SECTOR));
@@ -92,12 +128,24 @@ pub async fn run(args: CompareArgs) -> CmdResult {
     let opts = OpenOptions::new().force_share(args.force_share);
     let a = open_image_with(&args.a, args.format_a.as_deref(), opts.clone()).await?;
     let b = open_image_with(&args.b, args.format_b.as_deref(), opts).await?;
+    match compare(&args, &a, &b).await {
+        Ok(status) => Ok(status),
+        Err(Stop::Read(msg)) => {
+            eprintln!("{}: {msg}", crate::prog());
+            Ok(4)
+        }
+        Err(Stop::Other(e)) => Err(e),
+    }
+}
+
+async fn compare(args: &CompareArgs, a: &Image, b: &Image) -> Result<u8, Stop> {
+    let (a, b) = ((a, args.a.as_str()), (b, args.b.as_str()));
     let say = |msg: String| {
         if !args.quiet {
             println!("{msg}");
         }
     };
-    let (sa, sb) = (a.size(), b.size());
+    let (sa, sb) = (a.0.size(), b.0.size());
     if sa != sb && args.strict {
         say("Strict mode: Image size mismatch!".into());
         return Ok(1);
@@ -106,8 +154,8 @@ pub async fn run(args: CompareArgs) -> CmdResult {
     let mut off = 0u64;
     while off < common {
         let span = (common - off).min(STATUS_SPAN);
-        let st_a = a.block_status(off, span).await?;
-        let st_b = b.block_status(off, st_a.len).await?;
+        let st_a = a.0.block_status(off, span).await?;
+        let st_b = b.0.block_status(off, st_a.len).await?;
         let len = st_a.len.min(st_b.len);
         if args.strict && st_a.present() != st_b.present() {
             say(format!("Strict mode: Offset {off} block status mismatch!"));
@@ -115,9 +163,9 @@ pub async fn run(args: CompareArgs) -> CmdResult {
         }
         let mismatch = match (st_a.zero(), st_b.zero()) {
             (true, true) => None,
-            (true, false) => first_nonzero(&b, off, off + len).await?,
-            (false, true) => first_nonzero(&a, off, off + len).await?,
-            (false, false) => compare_range(&a, &b, off, len).await?,
+            (true, false) => first_nonzero(b, off, off + len).await?,
+            (false, true) => first_nonzero(a, off, off + len).await?,
+            (false, false) => compare_range(a, b, off, len).await?,
         };
         if let Some(at) = mismatch {
             say(format!("Content mismatch at offset {at}!"));
@@ -129,7 +177,7 @@ pub async fn run(args: CompareArgs) -> CmdResult {
         // As qemu-img: once the common part compared equal.
         say("Warning: Image size mismatch!".into());
     }
-    let longer = if sa > sb { &a } else { &b };
+    let longer = if sa > sb { a } else { b };
     if let Some(at) = first_nonzero(longer, common, sa.max(sb)).await? {
         say(format!("Content mismatch at offset {at}!"));
         return Ok(1);

@@ -36,6 +36,12 @@ pub struct IoArgs {
     /// Snapshot mode: writes go to a temporary overlay, the image is left as it was.
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
+    /// The file name is a list of block-node options (`driver=qcow2,file.filename=F`).
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// QEMU objects (`secret,id=...`): accepted and unused until encryption exists.
+    #[arg(long = "object")]
+    object: Vec<String>,
     /// Command to run (repeatable); without any, commands are read from standard input.
     #[arg(short = 'c', long = "cmd")]
     commands: Vec<String>,
@@ -179,6 +185,8 @@ struct Session {
     opts: OpenOptions,
     /// The file the open image was opened from, for `reopen`.
     file: Option<String>,
+    /// The block-node options it was opened with (`open -o`, `--image-opts`), for `reopen`.
+    node: Option<crate::blockopts::Node>,
 }
 
 /// Commands that run without an open image.
@@ -219,22 +227,21 @@ impl Session {
             eprintln!("open: {e}");
             usage.to_string()
         })?;
-        let mut format = self.format.clone();
-        let mut file = p.args.first().map(|f| f.to_string());
-        if let Some(list) = p.value('o') {
-            for item in list.split(',') {
-                let (k, v) = item.split_once('=').unwrap_or((item, ""));
-                match k {
-                    "driver" => format = Some(v.to_string()),
-                    "filename" | "file.filename" => file = Some(v.to_string()),
-                    "file.driver" if v == "file" => {}
-                    _ => return Err(format!("open: option '{k}' is not supported")),
-                }
-            }
-        }
-        let Some(file) = file else {
-            return Err("open: no file name given".into());
+        let file = p.args.first().map(|f| f.to_string());
+        let node = match p.value('o') {
+            Some(list) => Some(
+                crate::blockopts::Node::parse_keyval(list)
+                    .and_then(|n| crate::blockopts::with_name(n, file.as_deref()))
+                    .map_err(|e| {
+                        eprintln!("{}: {e}", crate::prog());
+                        String::new()
+                    })?,
+            ),
+            None => None,
         };
+        if file.is_none() && node.is_none() {
+            return Err("open: no file name given".into());
+        }
         let mut opts = self.opts.clone();
         if p.has('r') {
             opts = opts.writable(false);
@@ -248,14 +255,18 @@ impl Session {
         if let Some(mode) = p.value('t') {
             opts = crate::cache_mode(opts, mode).map_err(|e| e.to_string())?;
         }
-        let image = open_image_with(&file, format.as_deref(), opts)
-            .await
-            .map_err(|e| {
-                cant_open(&file, &e);
-                String::new()
-            })?;
+        let opened = match (&node, &file) {
+            (Some(node), _) => crate::blockopts::open(node.clone(), opts).await,
+            (None, Some(file)) => open_image_with(file, self.format.as_deref(), opts).await,
+            (None, None) => unreachable!("checked above"),
+        };
+        let image = opened.map_err(|e| {
+            cant_open(file.as_deref(), &e);
+            String::new()
+        })?;
         self.image = Some(image);
-        self.file = Some(file);
+        self.file = file;
+        self.node = node;
         Ok(())
     }
 
@@ -272,9 +283,10 @@ impl Session {
             eprintln!("{}: Only one -r/-w option may be given", crate::prog());
             return Err(String::new());
         }
-        let Some(file) = self.file.clone() else {
+        let (file, node) = (self.file.clone(), self.node.clone());
+        if file.is_none() && node.is_none() {
             return Err("reopen: the image was not opened from a file".into());
-        };
+        }
         let image = self.image();
         let writable = if p.has('r') {
             false
@@ -291,7 +303,12 @@ impl Session {
         // has finished on the I/O threads: wait for that a little.
         let mut tries = 0;
         let image = loop {
-            match open_image_with(&file, Some(format), opts.clone()).await {
+            let opened = match (&node, &file) {
+                (Some(node), _) => crate::blockopts::open(node.clone(), opts.clone()).await,
+                (None, Some(file)) => open_image_with(file, Some(format), opts.clone()).await,
+                (None, None) => unreachable!("checked above"),
+            };
+            match opened {
                 Err(e) if e.kind() == vmimg::ErrorKind::Locked && tries < 100 => {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -361,11 +378,7 @@ impl Session {
             "aio_write" => self.write(rest, true).await,
             "aio_flush" => Ok(()),
             "discard" | "d" => self.discard(rest).await,
-            "flush" | "f" => self
-                .image()
-                .sync()
-                .await
-                .map_err(|e| format!("flush failed: {e}")),
+            "flush" | "f" => self.image().sync().await.map_err(|e| failed("flush", &e)),
             "truncate" | "t" => self.truncate(rest).await,
             "length" | "l" => {
                 let s = io_size(self.image().size() as f64);
@@ -463,7 +476,7 @@ impl Session {
         self.image()
             .read(off, &mut buf)
             .await
-            .map_err(|e| format!("read failed: {e}"))?;
+            .map_err(|e| failed(if vectored { "readv" } else { "read" }, &e))?;
         let mut ok = true;
         if let Some(pat) = pattern {
             let range = check_from as usize..(check_from + check_len) as usize;
@@ -517,7 +530,7 @@ impl Session {
             self.image()
                 .write_zeroes(off, total, p.has('u'))
                 .await
-                .map_err(|e| format!("write failed: {e}"))?;
+                .map_err(|e| failed("write", &e))?;
         } else {
             let n = usize::try_from(total).map_err(|_| "write failed: too large".to_string())?;
             let buf = match p.value('s') {
@@ -535,7 +548,7 @@ impl Session {
             self.image()
                 .write(off, &buf)
                 .await
-                .map_err(|e| format!("write failed: {e}"))?;
+                .map_err(|e| failed(if vectored { "writev" } else { "write" }, &e))?;
         }
         self.report("wrote", total, off, p.has('q'), start);
         Ok(())
@@ -553,7 +566,7 @@ impl Session {
         self.image()
             .discard(off, lens[0], DiscardMode::ReadsAnything)
             .await
-            .map_err(|e| format!("discard failed: {e}"))?;
+            .map_err(|e| failed("discard", &e))?;
         self.report("discard", lens[0], off, p.has('q'), start);
         Ok(())
     }
@@ -664,17 +677,25 @@ pub async fn run(args: IoArgs) -> CmdResult {
         opts = crate::cache_mode(opts, mode)?;
     }
     let _ = &args.aio;
-    let opened = match &args.filename {
-        Some(f) if args.snapshot => Some(snapshot_overlay(f, args.format.as_deref(), &opts).await),
-        Some(f) => Some(open_image_with(f, args.format.as_deref(), opts.clone()).await),
-        None => None,
+    let _ = &args.object;
+    let node = match &args.filename {
+        Some(f) if args.image_opts => Some(crate::blockopts::Node::parse_keyval(f)?),
+        _ => None,
     };
-    let image = match (opened, &args.filename) {
-        (Some(Err(e)), Some(f)) => {
-            cant_open(f, &e);
+    let opened = match (&args.filename, &node) {
+        (_, Some(node)) => Some(crate::blockopts::open(node.clone(), opts.clone()).await),
+        (Some(f), None) if args.snapshot => {
+            Some(snapshot_overlay(f, args.format.as_deref(), &opts).await)
+        }
+        (Some(f), None) => Some(open_image_with(f, args.format.as_deref(), opts.clone()).await),
+        (None, None) => None,
+    };
+    let image = match opened {
+        Some(Err(e)) => {
+            cant_open(args.filename.as_deref().filter(|_| node.is_none()), &e);
             return Ok(1);
         }
-        (opened, _) => opened.transpose()?,
+        opened => opened.transpose()?,
     };
     let mut session = Session {
         image,
@@ -682,7 +703,11 @@ pub async fn run(args: IoArgs) -> CmdResult {
         format: args.format.clone(),
         opts,
         // A snapshot overlay has no file to reopen.
-        file: args.filename.clone().filter(|_| !args.snapshot),
+        file: args
+            .filename
+            .clone()
+            .filter(|_| !args.snapshot && node.is_none()),
+        node,
     };
     let mut failed = false;
     let mut lines = command_lines(args.commands);
@@ -709,11 +734,29 @@ pub async fn run(args: IoArgs) -> CmdResult {
     Ok(u8::from(failed))
 }
 
+/// "VERB failed: REASON". As qemu-io, the reason is the errno's text alone (requests past
+/// the end fail with EIO, as in QEMU's block layer); vmimg's own `io` says more.
+fn failed(verb: &str, e: &vmimg::Error) -> String {
+    if crate::prog() != "qemu-io" {
+        return format!("{verb} failed: {e}");
+    }
+    let errno = match e.kind() {
+        vmimg::ErrorKind::OutOfBounds | vmimg::ErrorKind::Corrupt => libc::EIO,
+        _ => e.errno(),
+    };
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    format!("{verb} failed: {text}")
+}
+
 /// qemu-io's report of an image that did not open: "can't open device FILE: " and the
 /// reason, without the "Could not open 'FILE'" that qemu-img puts around it.
-fn cant_open(file: &str, e: &vmimg::Error) {
+fn cant_open(file: Option<&str>, e: &vmimg::Error) {
     let reason = crate::open_reason(e);
-    eprintln!("{}: can't open device {file}: {reason}", crate::prog());
+    match file {
+        Some(file) => eprintln!("{}: can't open device {file}: {reason}", crate::prog()),
+        None => eprintln!("{}: can't open: {reason}", crate::prog()),
+    }
 }
 
 /// qemu-io's `-s`: `file` read-only under a temporary qcow2 overlay that takes the writes

@@ -2,6 +2,7 @@
 
 mod amend;
 mod bench;
+mod blockopts;
 mod chain;
 mod check;
 mod compare;
@@ -73,6 +74,8 @@ fn personality(mut args: Vec<std::ffi::OsString>) -> (&'static str, Vec<std::ffi
 
 /// Set from `--untrusted` before any command runs.
 static UNTRUSTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// qemu-img's `--image-opts`: image arguments are block-node option lists.
+static IMAGE_OPTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -152,11 +155,24 @@ pub async fn open_image_with(
     } else {
         opts
     };
-    let mut open = ImageOpen::path(path).options(opts);
-    if let Some(f) = format {
-        open = open.format(Format::from_name(f)?);
-    }
-    let image = open.open().await?;
+    let image = if IMAGE_OPTS.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut node = blockopts::Node::parse_keyval(path)?;
+        if let Some(f) = format {
+            node.insert("driver", blockopts::Val::Str(f.to_string()))?;
+        }
+        blockopts::open(node, opts).await?
+    } else if blockopts::is_special(path) {
+        // json:, blkdebug:, file: and the other names QEMU gives block-node options.
+        blockopts::open_name(path, format, opts)
+            .await
+            .map_err(|e| opening(path, e))?
+    } else {
+        let mut open = ImageOpen::path(path).options(opts);
+        if let Some(f) = format {
+            open = open.format(Format::from_name(f)?);
+        }
+        open.open().await?
+    };
     if format.is_none() && image.format() == Format::RAW && image.is_writable() {
         warn_probed_raw(path);
     }
@@ -177,7 +193,10 @@ pub fn open_reason(e: &Error) -> &Error {
 /// qemu-img reports every failure to open an image (once: an error that already says so
 /// is left as it is).
 pub fn opening(path: &str, e: Error) -> Error {
-    if e.operation() == Some("open") && e.path() == Some(std::path::Path::new(path)) && e.inner().is_some() {
+    if e.operation() == Some("open")
+        && e.path() == Some(std::path::Path::new(path))
+        && e.inner().is_some()
+    {
         return e;
     }
     e.within("open", Some(std::path::Path::new(path)))
@@ -253,8 +272,14 @@ fn limit_malloc_arenas() {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    let (name, args) = personality(std::env::args_os().collect());
+    let (name, mut args) = personality(std::env::args_os().collect());
     let _ = PROG.set(name);
+    // qemu-img's --image-opts (every image argument is a list of block-node options), taken
+    // out here once for all subcommands; qemu-io's is its own option.
+    if name != "qemu-io" && args.len() > 2 && args.iter().skip(2).any(|a| a == "--image-opts") {
+        args.retain(|a| a != "--image-opts");
+        IMAGE_OPTS.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {

@@ -359,7 +359,10 @@ mod tests {
         let file = Error::from_io(io::Error::from_raw_os_error(libc::ENOENT))
             .with_operation("open")
             .with_path("/b");
-        assert_eq!(file.to_string(), "Could not open '/b': No such file or directory");
+        assert_eq!(
+            file.to_string(),
+            "Could not open '/b': No such file or directory"
+        );
         let top = file
             .within("open backing file", None)
             .within("open", Some(Path::new("/t")));
@@ -372,7 +375,9 @@ mod tests {
         assert_eq!(top.errno(), libc::ENOENT);
         assert_eq!(top.path(), Some(Path::new("/t")));
         let inner = top.inner().unwrap();
-        assert!(inner.to_string().starts_with("Could not open backing file: "));
+        assert!(inner
+            .to_string()
+            .starts_with("Could not open backing file: "));
         assert!(!format!("{top:?}").contains("caused by"), "{top:?}");
     }
 

@@ -117,6 +117,7 @@ pub(crate) fn bad_mapping(layer: &dyn FormatDriver, offset: u64, len: u64) -> Er
 /// Reads `bufs` from `storage` at `host`, bouncing through an aligned buffer when the
 /// storage needs alignment the request does not have.
 async fn read_storage(storage: &dyn Storage, host: u64, mut bufs: Vec<&mut [u8]>) -> Result<()> {
+    storage.debug_event("read_aio");
     let len = total(&bufs) as u64;
     let end = host.checked_add(len).ok_or_else(|| {
         Error::new(ErrorKind::Corrupt, "host offset overflows 64 bits").with_offset(host)

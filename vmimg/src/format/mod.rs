@@ -440,6 +440,7 @@ pub(crate) async fn write_through(
             .map_for_write(offset + done as u64, (buf.len() - done) as u64, below)
             .await?;
         let n = t.len as usize;
+        t.storage.debug_event("write_aio");
         t.storage.write_at(t.offset, &buf[done..done + n]).await?;
         drop(t.hold);
         if let Some(c) = t.commit {

@@ -143,6 +143,7 @@ impl BlockStatus {
 }
 
 async fn write_storage(storage: &dyn Storage, host: u64, bufs: Vec<&[u8]>) -> Result<()> {
+    storage.debug_event("write_aio");
     let iov: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
     storage.writev(host, &iov).await
 }

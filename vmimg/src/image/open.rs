@@ -227,6 +227,26 @@ impl OpenOptions {
         self.data_file = Some(data_file);
         self
     }
+
+    /// Whether images open writable.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Whether files open with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether sync requests are ignored.
+    pub fn is_no_sync(&self) -> bool {
+        self.no_sync
+    }
+
+    /// The lock mode files open with.
+    pub fn lock_mode(&self) -> LockMode {
+        self.locking
+    }
 }
 
 /// Opens an image of a named format, or of a probed one.
@@ -493,7 +513,12 @@ pub(crate) async fn open_chain(
             let file = files(opts)
                 .open(kind, &backing.name, &resolved.path, storage.path(), false)
                 .await
-                .map_err(|e| nest(e.with_operation("open").with_path(&resolved.path), depth + 1))?;
+                .map_err(|e| {
+                    nest(
+                        e.with_operation("open").with_path(&resolved.path),
+                        depth + 1,
+                    )
+                })?;
             let backing_format = backing
                 .format
                 .as_deref()

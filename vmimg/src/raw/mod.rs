@@ -6,7 +6,7 @@ use crate::format::{
     WriteTarget, PROBE_BYTES,
 };
 use crate::storage::{
-    BoxFuture, FileStorageOpen, HostExtent, NewFile, Permissions, PreallocMode, Storage,
+    BoxFuture, FileStorageOpen, HostExtent, NewFile, Permissions, PreallocMode, Storage, StorageExt,
 };
 use crate::{Error, ErrorKind, Result};
 use std::path::PathBuf;
@@ -422,6 +422,13 @@ impl RawCreate {
         }
         storage.resize(0, PreallocMode::Off).await?;
         storage.resize(self.size, self.prealloc).await?;
+        if self.prealloc == PreallocMode::Off && self.size > 0 {
+            // As QEMU's file driver: the first block of a new file is written (with zeros),
+            // so that its allocation is what probes of the file's alignment find; the rest
+            // stays a hole.
+            let n = if self.size < 4096 { 512 } else { 4096 }.min(self.size);
+            storage.write_at(0, &vec![0u8; n as usize]).await?;
+        }
         storage.flush().await
     }
 }

@@ -198,6 +198,10 @@ impl Storage for AlignedStorage {
         self.inner.permissions()
     }
 
+    fn debug_event(&self, event: &'static str) {
+        self.inner.debug_event(event)
+    }
+
     fn is_block_device(&self) -> bool {
         self.inner.is_block_device()
     }

@@ -290,6 +290,10 @@ impl<S: Storage, H: StorageHook<S>> Storage for HookStorage<S, H> {
         self.inner.permissions()
     }
 
+    fn debug_event(&self, event: &'static str) {
+        self.inner.debug_event(event)
+    }
+
     fn is_block_device(&self) -> bool {
         self.inner.is_block_device()
     }

@@ -21,6 +21,7 @@
 //!   [`Storage::sync`] makes everything written so far durable.
 
 mod aligned;
+mod debug;
 mod fault;
 mod file;
 mod hook;
@@ -30,6 +31,7 @@ mod null;
 mod sys;
 
 pub use aligned::AlignedStorage;
+pub use debug::{DebugConfig, DebugStorage};
 pub use fault::{FaultKind, FaultOp, FaultStorage};
 pub use file::{FileStorage, FileStorageOpen};
 pub use hook::{HookStorage, StorageHook, StorageOp};
@@ -190,6 +192,13 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// The permissions last stated: `(held, shared)`.
     fn permissions(&self) -> (Permissions, Permissions) {
         (Permissions::NONE, Permissions::ALL)
+    }
+
+    /// Told by the layer above what its next request is for, by one of QEMU's blkdebug
+    /// event names (`"read_aio"`: guest data is read, `"write_aio"`: written). Only
+    /// [`DebugStorage`] acts on it; wrappers pass it on.
+    fn debug_event(&self, event: &'static str) {
+        let _ = event;
     }
 
     /// Resolves a file name found inside an image stored here (a backing file, a data file).

@@ -1,0 +1,773 @@
+//! QEMU's block-node options: `json:{...}` file names, `--image-opts` and qemu-io's
+//! `open -o` strings (`driver=qcow2,file.filename=x.qcow2`), and protocol prefixes
+//! (`blkdebug:CONFIG:FILE`, `file:PATH`, `null-co://`), turned into an open image.
+//!
+//! ```text
+//!   "driver=qcow2,file.driver=blkdebug,file.image.filename=x"   json:{"driver": "qcow2", ...}
+//!                \______________________   ______________________/
+//!                                       v
+//!     Node {driver: qcow2, file: Node {driver: blkdebug, image: Node {filename: x}}}
+//!                                       v
+//!     Image (qcow2) over DebugStorage over FileStorage
+//! ```
+//!
+//! Formats are vmimg's; the protocol drivers are `file` (and `host_device`, `host_cdrom`),
+//! `null-co`/`null-aio`, `blkdebug`, and `raw` or `copy-on-read` as pass-through filters
+//! (copy-on-read copies nothing).
+
+use std::collections::BTreeMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use vmimg::storage::{BoxFuture, DebugConfig, DebugStorage, HostExtent};
+use vmimg::{DiscardMode, Error, ErrorKind, Format, Image, ImageOpen, OpenOptions, Storage};
+use vmimg::{FileStorageOpen, LockMode, NullStorage, PreallocMode};
+
+/// An option value: a string, a child node, a list, or JSON's `null`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Str(String),
+    Node(Node),
+    List(Vec<Val>),
+    Null,
+}
+
+/// One block node's options, children nested by their dotted keys.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Node(BTreeMap<String, Val>);
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+/// Protocol drivers: a node that holds bytes itself rather than a format over a child.
+fn is_protocol(driver: &str) -> bool {
+    matches!(
+        driver,
+        "file" | "host_device" | "host_cdrom" | "null-co" | "null-aio" | "blkdebug"
+    )
+}
+
+impl Node {
+    /// Sets `key` (dotted: `file.filename`), making the nodes on the way.
+    pub fn insert(&mut self, key: &str, val: Val) -> Result<(), Error> {
+        match key.split_once('.') {
+            None => {
+                match (self.0.get_mut(key), val) {
+                    (Some(Val::Node(old)), Val::Node(new)) => old.merge(new),
+                    (_, val) => {
+                        self.0.insert(key.to_string(), val);
+                    }
+                }
+                Ok(())
+            }
+            Some((head, rest)) => {
+                let child = self
+                    .0
+                    .entry(head.to_string())
+                    .or_insert_with(|| Val::Node(Node::default()));
+                match child {
+                    Val::Node(n) => n.insert(rest, val),
+                    _ => Err(invalid(format!(
+                        "Cannot set option '{key}': '{head}' is not a node"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// `other`'s options over these (children merged).
+    pub fn merge(&mut self, other: Node) {
+        for (k, v) in other.0 {
+            match (self.0.get_mut(&k), v) {
+                (Some(Val::Node(a)), Val::Node(b)) => a.merge(b),
+                (_, v) => {
+                    self.0.insert(k, v);
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<Val> {
+        self.0.remove(key)
+    }
+
+    fn take_str(&mut self, key: &str) -> Result<Option<String>, Error> {
+        match self.0.remove(key) {
+            None => Ok(None),
+            Some(Val::Str(s)) => Ok(Some(s)),
+            Some(_) => Err(invalid(format!(
+                "Invalid parameter type for '{key}', expected: string"
+            ))),
+        }
+    }
+
+    fn take_bool(&mut self, key: &str) -> Result<Option<bool>, Error> {
+        match self.take_str(key)?.as_deref() {
+            None => Ok(None),
+            Some("on" | "true" | "yes") => Ok(Some(true)),
+            Some("off" | "false" | "no") => Ok(Some(false)),
+            Some(_) => Err(invalid(format!("Parameter '{key}' expects 'on' or 'off'"))),
+        }
+    }
+
+    fn driver(&self) -> Option<&str> {
+        match self.0.get("driver") {
+            Some(Val::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Parses `key=value,...` (`,,` is a comma in a value), QEMU's option syntax.
+    pub fn parse_keyval(s: &str) -> Result<Node, Error> {
+        let mut node = Node::default();
+        let mut items = Vec::new();
+        let mut cur = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    items.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        items.push(cur);
+        for item in items.into_iter().filter(|i| !i.is_empty()) {
+            let Some((k, v)) = item.split_once('=') else {
+                return Err(invalid(format!("Invalid parameter '{item}'")));
+            };
+            node.insert(k, Val::Str(v.to_string()))?;
+        }
+        Ok(node)
+    }
+
+    /// Parses the JSON object of a `json:` file name (QEMU's JSON: strings in single or
+    /// double quotes); dotted keys nest as in [`Node::parse_keyval`].
+    pub fn parse_json(s: &str) -> Result<Node, Error> {
+        let mut p = Json {
+            b: s.as_bytes(),
+            at: 0,
+        };
+        let v = p.value()?;
+        p.ws();
+        if p.at != p.b.len() {
+            return Err(p.err("trailing characters"));
+        }
+        match v {
+            Val::Node(n) => Ok(n),
+            _ => Err(invalid("json: file names must hold a JSON object")),
+        }
+    }
+}
+
+struct Json<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Json<'_> {
+    fn err(&self, what: &str) -> Error {
+        invalid(format!(
+            "Could not parse the JSON options: {what} at byte {}",
+            self.at
+        ))
+    }
+
+    fn ws(&mut self) {
+        while self.at < self.b.len() && self.b[self.at].is_ascii_whitespace() {
+            self.at += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.at).copied()
+    }
+
+    fn expect(&mut self, c: u8) -> Result<(), Error> {
+        if self.peek() == Some(c) {
+            self.at += 1;
+            Ok(())
+        } else {
+            Err(self.err(&format!("expected '{}'", c as char)))
+        }
+    }
+
+    fn string(&mut self) -> Result<String, Error> {
+        let quote = self.peek().ok_or_else(|| self.err("expected a string"))?;
+        if quote != b'"' && quote != b'\'' {
+            return Err(self.err("expected a string"));
+        }
+        self.at += 1;
+        let mut out = Vec::new();
+        while let Some(&c) = self.b.get(self.at) {
+            self.at += 1;
+            match c {
+                c if c == quote => {
+                    return String::from_utf8(out).map_err(|_| self.err("bad UTF-8"))
+                }
+                b'\\' => {
+                    let e = *self.b.get(self.at).ok_or_else(|| self.err("bad escape"))?;
+                    self.at += 1;
+                    out.push(match e {
+                        b'n' => b'\n',
+                        b't' => b'\t',
+                        b'r' => b'\r',
+                        b'b' => 8,
+                        b'f' => 12,
+                        other => other,
+                    });
+                }
+                c => out.push(c),
+            }
+        }
+        Err(self.err("unterminated string"))
+    }
+
+    fn value(&mut self) -> Result<Val, Error> {
+        match self.peek().ok_or_else(|| self.err("expected a value"))? {
+            b'{' => {
+                self.at += 1;
+                let mut node = Node::default();
+                if self.peek() == Some(b'}') {
+                    self.at += 1;
+                    return Ok(Val::Node(node));
+                }
+                loop {
+                    let k = self.string()?;
+                    self.expect(b':')?;
+                    let v = self.value()?;
+                    node.insert(&k, v)?;
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b'}') => {
+                            self.at += 1;
+                            return Ok(Val::Node(node));
+                        }
+                        _ => return Err(self.err("expected ',' or '}'")),
+                    }
+                }
+            }
+            b'[' => {
+                self.at += 1;
+                let mut list = Vec::new();
+                if self.peek() == Some(b']') {
+                    self.at += 1;
+                    return Ok(Val::List(list));
+                }
+                loop {
+                    list.push(self.value()?);
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b']') => {
+                            self.at += 1;
+                            return Ok(Val::List(list));
+                        }
+                        _ => return Err(self.err("expected ',' or ']'")),
+                    }
+                }
+            }
+            b'"' | b'\'' => Ok(Val::Str(self.string()?)),
+            _ => {
+                let start = self.at;
+                while self.at < self.b.len()
+                    && (self.b[self.at].is_ascii_alphanumeric()
+                        || b"+-.".contains(&self.b[self.at]))
+                {
+                    self.at += 1;
+                }
+                match &self.b[start..self.at] {
+                    b"" => Err(self.err("expected a value")),
+                    b"null" => Ok(Val::Null),
+                    word => Ok(Val::Str(String::from_utf8_lossy(word).into_owned())),
+                }
+            }
+        }
+    }
+}
+
+/// Whether `name` is more than a plain path: `json:`, or a protocol prefix (`proto:` with
+/// no `/` before the colon, as QEMU decides).
+pub fn is_special(name: &str) -> bool {
+    match name.find(':') {
+        Some(colon) => !name[..colon].contains('/') && colon > 0,
+        None => false,
+    }
+}
+
+/// The protocol node a special file name stands for, or the options of a `json:` name.
+fn from_name(name: &str) -> Result<(Node, bool), Error> {
+    if let Some(json) = name.strip_prefix("json:") {
+        return Ok((Node::parse_json(json)?, true));
+    }
+    let (proto, rest) = name.split_once(':').unwrap_or(("file", name));
+    let mut node = Node::default();
+    match proto {
+        "file" | "host_device" | "host_cdrom" if is_special(name) => {
+            node.insert("driver", Val::Str(proto.into()))?;
+            node.insert("filename", Val::Str(rest.into()))?;
+        }
+        "blkdebug" => {
+            // blkdebug:CONFIG:IMAGE (the configuration may be empty)
+            let (config, image) = rest.split_once(':').unwrap_or(("", rest));
+            node.insert("driver", Val::Str("blkdebug".into()))?;
+            if !config.is_empty() {
+                node.insert("config", Val::Str(config.into()))?;
+            }
+            let (image, _) = from_name(image)?;
+            node.insert("image", Val::Node(image))?;
+        }
+        "null-co" | "null-aio" => {
+            node.insert("driver", Val::Str(proto.into()))?;
+        }
+        _ if is_special(name) => {
+            return Err(invalid(format!("Unknown protocol '{proto}'")));
+        }
+        _ => {
+            node.insert("driver", Val::Str("file".into()))?;
+            node.insert("filename", Val::Str(name.into()))?;
+        }
+    }
+    Ok((node, false))
+}
+
+/// The options of an image given as `name` with options `opts` over it (qemu-io's
+/// `open -o OPTS NAME`): `json:` names are the top node; other names are placed where the
+/// chain of primary children (`file`, blkdebug's `image`) ends.
+pub fn with_name(mut opts: Node, name: Option<&str>) -> Result<Node, Error> {
+    let Some(name) = name else { return Ok(opts) };
+    let (leaf, json) = from_name(name)?;
+    if json {
+        let mut top = leaf;
+        top.merge(opts);
+        return Ok(top);
+    }
+    let mut node = &mut opts;
+    let mut top = true;
+    loop {
+        if !top && node.driver().is_none() {
+            // A child given only some options (`file.align=4k`): the name supplies it.
+            node.merge(leaf);
+            return Ok(opts);
+        }
+        top = false;
+        let key = match node.driver() {
+            Some(d) if is_protocol(d) && d != "blkdebug" => {
+                let mut leaf = leaf;
+                leaf.0.remove("driver");
+                node.merge(leaf);
+                return Ok(opts);
+            }
+            Some("blkdebug") => "image",
+            _ => "file",
+        };
+        match node.0.get(key) {
+            Some(Val::Node(_)) => {}
+            _ => {
+                node.0.insert(key.to_string(), Val::Node(leaf));
+                return Ok(opts);
+            }
+        }
+        let Some(Val::Node(child)) = node.0.get_mut(key) else {
+            unreachable!("checked above")
+        };
+        node = child;
+    }
+}
+
+/// Opens an image from a special file name (see [`is_special`]) with `format` and `opts`.
+pub async fn open_name(
+    name: &str,
+    format: Option<&str>,
+    opts: OpenOptions,
+) -> Result<Image, Error> {
+    let mut top = Node::default();
+    if let Some(f) = format {
+        top.insert("driver", Val::Str(f.into()))?;
+    }
+    open(with_name(top, Some(name))?, opts).await
+}
+
+/// Options QEMU's format drivers take that change nothing vmimg does.
+const ACCEPTED: &[&str] = &[
+    "node-name",
+    "discard",
+    "detect-zeroes",
+    "auto-read-only",
+    "force-share",
+    "cache",
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "overlap-check",
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+    "aio",
+    "aio-max-batch",
+    "locking",
+    "read-zeroes",
+    "x-check-cache-dropped",
+    "max-transfer",
+    "opt-write-zero",
+    "max-write-zero",
+    "opt-discard",
+    "max-discard",
+    "take-child-perms",
+    "unshare-child-perms",
+    "latency-ns",
+];
+
+fn refuse_unknown(node: &Node, kind: &str, driver: &str) -> Result<(), Error> {
+    match node.0.keys().find(|k| !ACCEPTED.contains(&k.as_str())) {
+        Some(k) => Err(invalid(if kind == "format" {
+            format!("Block format '{driver}' does not support the option '{k}'")
+        } else {
+            format!("Block protocol '{driver}' doesn't support the option '{k}'")
+        })),
+        None => Ok(()),
+    }
+}
+
+/// Opens the image `node` describes.
+pub fn open(mut node: Node, opts: OpenOptions) -> BoxFuture<'static, Result<Image, Error>> {
+    Box::pin(async move {
+        let mut opts = opts;
+        if let Some(ro) = node.take_bool("read-only")? {
+            let writable = !ro && opts.is_writable();
+            opts = opts.writable(writable);
+        }
+        let driver = node.take_str("driver")?;
+        match driver.as_deref() {
+            Some("copy-on-read") | Some("raw") if matches!(node.0.get("file"), Some(Val::Node(n)) if n.driver().is_some_and(|d| !is_protocol(d))) =>
+            {
+                let Some(Val::Node(child)) = node.take("file") else {
+                    unreachable!()
+                };
+                return open(child, opts).await;
+            }
+            Some(d) if is_protocol(d) => {
+                node.insert("driver", Val::Str(d.into()))?;
+                let storage = open_storage(node, &opts).await?;
+                return ImageOpen::storage(storage)
+                    .format(Format::RAW)
+                    .options(opts)
+                    .open()
+                    .await;
+            }
+            _ => {}
+        }
+        let format = driver.as_deref().map(Format::from_name).transpose()?;
+        let child = match (node.take("file"), node.take_str("filename")?) {
+            (Some(Val::Node(n)), _) => n,
+            (Some(Val::Str(f)), _) | (None, Some(f)) => {
+                let mut n = Node::default();
+                n.insert("filename", Val::Str(f))?;
+                n
+            }
+            _ => return Err(invalid("A block device must be specified for \"file\"")),
+        };
+        match node.take("backing") {
+            None => {}
+            Some(Val::Null) => opts = opts.no_backing(true),
+            Some(Val::Node(b)) => {
+                let backing = open(b, opts.clone().writable(false)).await?;
+                opts = opts.backing(backing);
+            }
+            Some(Val::Str(name)) => {
+                let backing =
+                    crate::open_image_with(&name, None, opts.clone().writable(false)).await?;
+                opts = opts.backing(backing);
+            }
+            Some(Val::List(_)) => return Err(invalid("Invalid parameter type for 'backing'")),
+        }
+        if let Some(v) = node.take("data-file") {
+            let mut n = match v {
+                Val::Node(n) => n,
+                Val::Str(f) => {
+                    let mut n = Node::default();
+                    n.insert("filename", Val::Str(f))?;
+                    n
+                }
+                _ => return Err(invalid("Invalid parameter type for 'data-file'")),
+            };
+            // A raw node over the data file is the data file.
+            if n.driver() == Some("raw") {
+                if let Some(Val::Node(inner)) = n.take("file") {
+                    n = inner;
+                }
+            }
+            let data = open_storage(n, &opts).await?;
+            opts = opts.data_file(data);
+        }
+        let name = format.map_or("raw", |f| f.name());
+        refuse_unknown(&node, "format", name)?;
+        let storage = open_storage(child, &opts).await?;
+        let mut open = ImageOpen::storage(storage).options(opts);
+        if let Some(f) = format {
+            open = open.format(f);
+        }
+        open.open().await
+    })
+}
+
+/// Opens the storage a protocol node (or a format node, read through its image) describes.
+fn open_storage(
+    mut node: Node,
+    opts: &OpenOptions,
+) -> BoxFuture<'static, Result<Arc<dyn Storage>, Error>> {
+    let opts = opts.clone();
+    Box::pin(async move {
+        let writable = opts.is_writable();
+        let driver = match node.take_str("driver")? {
+            Some(d) => d,
+            None if node.0.contains_key("filename") => "file".to_string(),
+            None => return Err(invalid("A block device must be specified for \"file\"")),
+        };
+        match driver.as_str() {
+            "file" | "host_device" | "host_cdrom" => {
+                let filename = node.take_str("filename")?.ok_or_else(|| {
+                    invalid(format!("The '{driver}' block driver requires a file name"))
+                })?;
+                let locking = match node.take_str("locking")?.as_deref() {
+                    None | Some("auto") => LockMode::Auto,
+                    Some("on") => LockMode::On,
+                    Some("off") => LockMode::Off,
+                    Some(other) => {
+                        return Err(invalid(format!(
+                            "Parameter 'locking' does not accept value '{other}'"
+                        )))
+                    }
+                };
+                node.take("cache");
+                refuse_unknown(&node, "protocol", &driver)?;
+                let storage = FileStorageOpen::new(&filename)
+                    .writable(writable)
+                    .direct(opts.is_direct())
+                    .no_sync(opts.is_no_sync())
+                    .locking(locking)
+                    .open()
+                    .await?;
+                let meta = std::fs::metadata(&filename).map_err(Error::from)?;
+                use std::os::unix::fs::FileTypeExt;
+                let t = meta.file_type();
+                if driver == "file" && !t.is_file() {
+                    return Err(invalid(format!(
+                        "'file' driver requires '{filename}' to be a regular file"
+                    )));
+                }
+                if driver != "file" && !(t.is_block_device() || t.is_char_device()) {
+                    return Err(invalid(format!(
+                        "'{driver}' driver requires '{filename}' to be either a character or \
+                         block device"
+                    )));
+                }
+                Ok(Arc::new(storage) as Arc<dyn Storage>)
+            }
+            "null-co" | "null-aio" => {
+                let size = match node.take_str("size")? {
+                    Some(s) => s
+                        .parse()
+                        .map_err(|_| invalid("Parameter 'size' expects a size"))?,
+                    None => 1 << 30,
+                };
+                refuse_unknown(&node, "protocol", &driver)?;
+                Ok(Arc::new(NullStorage::new(size)) as Arc<dyn Storage>)
+            }
+            "blkdebug" => {
+                let mut config = match node.take_str("config")? {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(&path).map_err(|e| {
+                            invalid(format!("Could not read blkdebug config file: {e}"))
+                        })?;
+                        DebugConfig::parse(&text)?
+                    }
+                    None => DebugConfig::new(),
+                };
+                for section in ["inject-error", "set-state"] {
+                    let Some(v) = node.take(section) else {
+                        continue;
+                    };
+                    let rules = match v {
+                        Val::List(l) => l,
+                        other => vec![other],
+                    };
+                    for r in rules {
+                        let Val::Node(r) = r else {
+                            return Err(invalid(format!("Invalid parameter type for '{section}'")));
+                        };
+                        let pairs: Vec<(String, String)> =
+                            r.0.into_iter()
+                                .filter_map(|(k, v)| match v {
+                                    Val::Str(s) => Some((k, s)),
+                                    _ => None,
+                                })
+                                .collect();
+                        config.add(section, &pairs)?;
+                    }
+                }
+                let align = match node.take_str("align")? {
+                    Some(a) => crate::size::parse_size(&a).map_err(invalid)? as usize,
+                    None => 1,
+                };
+                let image = match (node.take("image"), node.take_str("x-image")?) {
+                    (Some(Val::Node(n)), _) => n,
+                    (Some(Val::Str(f)), _) | (None, Some(f)) => from_name(&f)?.0,
+                    _ => return Err(invalid("A block device must be specified for \"image\"")),
+                };
+                refuse_unknown(&node, "protocol", "blkdebug")?;
+                let inner = open_storage(image, &opts).await?;
+                Ok(Arc::new(DebugStorage::new(inner, config, align)) as Arc<dyn Storage>)
+            }
+            "raw" if matches!(node.0.get("file"), Some(Val::Node(_))) && node.0.len() == 1 => {
+                let Some(Val::Node(child)) = node.take("file") else {
+                    unreachable!()
+                };
+                open_storage(child, &opts).await
+            }
+            _ => {
+                // A format node: its image's bytes.
+                node.insert("driver", Val::Str(driver))?;
+                let image = open(node, opts).await?;
+                Ok(Arc::new(ImageStorage(image)) as Arc<dyn Storage>)
+            }
+        }
+    })
+}
+
+/// An image's guest bytes as a storage (a format node under blkdebug or a filter).
+#[derive(Debug)]
+struct ImageStorage(Image);
+
+impl Storage for ImageStorage {
+    fn size(&self) -> vmimg::Result<u64> {
+        Ok(self.0.size())
+    }
+
+    fn mem_align(&self) -> usize {
+        1
+    }
+
+    fn request_align(&self) -> usize {
+        1
+    }
+
+    fn is_writable(&self) -> bool {
+        self.0.is_writable()
+    }
+
+    fn readv<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a mut [IoSliceMut<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        Box::pin(self.0.readv(offset, bufs))
+    }
+
+    fn writev<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a [IoSlice<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        Box::pin(self.0.writev(offset, bufs))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> BoxFuture<'_, vmimg::Result<()>> {
+        Box::pin(self.0.write_zeroes(offset, len, may_unmap))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
+        Box::pin(self.0.discard(offset, len, DiscardMode::ReadsAnything))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        Box::pin(self.0.flush())
+    }
+
+    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        Box::pin(self.0.sync())
+    }
+
+    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
+        Box::pin(self.0.resize(new_size, prealloc))
+    }
+
+    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
+        Box::pin(async move {
+            let len = max_len.min(self.0.size().saturating_sub(offset));
+            if len == 0 {
+                return Ok((HostExtent::Hole, max_len.max(1)));
+            }
+            let s = self.0.block_status(offset, len).await?;
+            let kind = if s.zero() {
+                HostExtent::Hole
+            } else {
+                HostExtent::Data
+            };
+            Ok((kind, s.len))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &str) -> Val {
+        Val::Str(v.into())
+    }
+
+    #[test]
+    fn keyval_and_json_give_the_same_tree() {
+        let a = Node::parse_keyval("driver=qcow2,file.driver=file,file.filename=a,,b").unwrap();
+        let b = Node::parse_json(
+            "{'driver': 'qcow2', \"file\": {'driver': 'file'}, 'file.filename': 'a,b'}",
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        let Some(Val::Node(f)) = a.0.get("file") else {
+            panic!("{a:?}")
+        };
+        assert_eq!(f.0.get("filename"), Some(&s("a,b")));
+        let j = Node::parse_json("{'backing': null, 'l': [{'n': 5}, true]}").unwrap();
+        assert_eq!(j.0.get("backing"), Some(&Val::Null));
+        assert!(matches!(j.0.get("l"), Some(Val::List(l)) if l.len() == 2));
+        for bad in ["{'a': }", "{'a' 1}", "[1]", "{'a': 'b'} x", "{'a': 'b"] {
+            assert!(Node::parse_json(bad).is_err(), "{bad}");
+        }
+        assert!(Node::parse_keyval("driver").is_err());
+    }
+
+    #[test]
+    fn names_are_placed_at_the_end_of_the_primary_children() {
+        let opts = Node::parse_keyval("driver=qcow2,file.driver=blkdebug,file.config=c").unwrap();
+        let n = with_name(opts, Some("x.qcow2")).unwrap();
+        let want = Node::parse_keyval(
+            "driver=qcow2,file.driver=blkdebug,file.config=c,file.image.driver=file,\
+             file.image.filename=x.qcow2",
+        )
+        .unwrap();
+        assert_eq!(n, want);
+        let n = with_name(Node::default(), Some("blkdebug::x")).unwrap();
+        let want =
+            Node::parse_keyval("file.driver=blkdebug,file.image.driver=file,file.image.filename=x")
+                .unwrap();
+        assert_eq!(n, want);
+        assert!(is_special("json:{}") && is_special("file:a") && !is_special("d/a:b"));
+        assert!(with_name(Node::default(), Some("nope:x")).is_err());
+    }
+}
