@@ -380,6 +380,36 @@ pub fn with_name(mut opts: Node, name: Option<&str>) -> Result<Node, Error> {
     }
 }
 
+/// The plain file name QEMU shows for an image given as options, when the options say no
+/// more than "this format over this file" (else `None`: QEMU shows a `json:` name).
+pub fn plain_filename(top: &Node) -> Option<String> {
+    let harmless = |k: &String| matches!(k.as_str(), "driver" | "node-name" | "file");
+    if !top.0.keys().all(harmless) {
+        return None;
+    }
+    match top.0.get("file")? {
+        Val::Node(f) => {
+            let ok = f.0.keys().all(|k| matches!(k.as_str(), "driver" | "filename" | "node-name"));
+            match (f.driver(), f.0.get("filename")) {
+                (None | Some("file"), Some(Val::Str(name))) if ok => Some(name.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The name QEMU shows for the image argument `arg` (as `--image-opts` options when
+/// `image_opts`): a plain file name where the options reduce to one, else `arg`.
+pub fn display_name(arg: &str, image_opts: bool) -> String {
+    let node = if image_opts {
+        Node::parse_keyval(arg).ok()
+    } else {
+        arg.strip_prefix("json:").and_then(|j| Node::parse_json(j).ok())
+    };
+    node.as_ref().and_then(plain_filename).unwrap_or_else(|| arg.to_string())
+}
+
 /// Opens an image from a special file name (see [`is_special`]) with `format` and `opts`.
 pub async fn open_name(
     name: &str,

@@ -326,21 +326,33 @@ pub fn info_human(image: &Image, filename: &str) -> String {
 pub async fn run(args: InfoArgs) -> CmdResult {
     // As qemu-img: the backing file is only opened for --backing-chain, so that the
     // info of an overlay whose backing file is missing still shows.
+    // With --backing-chain each layer is opened by itself, by the name its overlay gives
+    // (so a layer that does not open is reported as that file, as qemu-img reports it).
     let opts = OpenOptions::new()
         .force_share(args.force_share)
         .metadata_only(true)
-        .no_backing(!args.backing_chain);
-    let image = open_image_with(&args.filename, args.format.as_deref(), opts).await?;
-    let mut chain = vec![(image.clone(), args.filename.clone())];
+        .no_backing(true);
+    let image = open_image_with(&args.filename, args.format.as_deref(), opts.clone()).await?;
+    let shown = crate::blockopts::display_name(&args.filename, crate::image_opts());
+    let mut chain = vec![(image.clone(), shown)];
     if args.backing_chain {
+        let mut seen = vec![std::fs::canonicalize(&args.filename).ok()];
         let mut cur = image;
-        while let Some(b) = cur.backing() {
-            let name = cur
-                .describe()
-                .full_backing_filename
-                .unwrap_or_else(|| "(unnamed)".into());
-            chain.push((b.clone(), name));
-            cur = b;
+        loop {
+            let desc = cur.describe();
+            let Some(name) = desc.full_backing_filename else { break };
+            let id = std::fs::canonicalize(&name).ok();
+            if id.is_some() && seen.contains(&id) {
+                return Err(crate::usage_error(format!(
+                    "Backing file '{name}' creates an infinite loop."
+                )));
+            }
+            seen.push(id);
+            let next =
+                crate::open_named_image(&name, desc.backing_format.as_deref(), opts.clone())
+                    .await?;
+            chain.push((next.clone(), name));
+            cur = next;
         }
     }
     match args.output {

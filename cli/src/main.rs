@@ -77,6 +77,11 @@ static UNTRUSTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// qemu-img's `--image-opts`: image arguments are block-node option lists.
 static IMAGE_OPTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether qemu-img's `--image-opts` was given.
+pub fn image_opts() -> bool {
+    IMAGE_OPTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Show information about an image (like `qemu-img info`).
@@ -155,13 +160,31 @@ pub async fn open_image_with(
     } else {
         opts
     };
-    let image = if IMAGE_OPTS.load(std::sync::atomic::Ordering::Relaxed) {
+    if image_opts() {
         let mut node = blockopts::Node::parse_keyval(path)?;
         if let Some(f) = format {
             node.insert("driver", blockopts::Val::Str(f.to_string()))?;
         }
-        blockopts::open(node, opts).await?
-    } else if blockopts::is_special(path) {
+        let image = blockopts::open(node, opts).await?;
+        signals::track(&image);
+        return Ok(image);
+    }
+    open_named_image(path, format, opts).await
+}
+
+/// Opens the image file `path` (or the image a `json:` or protocol name describes), also
+/// under `--image-opts` (the files an image names are file names).
+pub async fn open_named_image(
+    path: &str,
+    format: Option<&str>,
+    opts: OpenOptions,
+) -> Result<Image, Error> {
+    let opts = if UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed) {
+        opts.untrusted(true)
+    } else {
+        opts
+    };
+    let image = if blockopts::is_special(path) {
         // json:, blkdebug:, file: and the other names QEMU gives block-node options.
         blockopts::open_name(path, format, opts)
             .await

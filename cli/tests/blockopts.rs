@@ -1,0 +1,171 @@
+//! Block-node options as QEMU's tools take them (`json:` file names, `--image-opts`,
+//! qemu-io's `open -o`, `blkdebug:` error injection) and QEMU's words for images that do
+//! not open: each case runs vmimg (as `qemu-img`/`qemu-io` through symlinks) and QEMU's own
+//! tool on the same files and compares what they print.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Symlinks to vmimg named as QEMU's tools, in `dir/bin`.
+fn ours(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for t in ["qemu-img", "qemu-io"] {
+        std::os::unix::fs::symlink(vmimg_bin(), bin.join(t)).unwrap();
+    }
+    bin
+}
+
+/// Exit status and both outputs (stderr first), with qemu-io's timing lines removed.
+fn run(tool: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = text
+        .lines()
+        .filter(|l| !l.contains("ops/sec"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Runs `tool` (qemu-img or qemu-io) with `args` as vmimg and as QEMU, in `d`; asserts the
+/// same status and output, and returns the output.
+fn same(d: &Path, tool: &str, args: &[&str]) -> String {
+    let mine = run(&d.join("bin").join(tool), args, d);
+    let theirs = run(&qemu_tool(tool), args, d);
+    assert_eq!(mine, theirs, "{tool} {args:?}: vmimg, then QEMU");
+    mine.1
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempdir();
+    let d = dir.path();
+    ours(d);
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]).ok();
+    qemu_io_in(d, ["-c", "write -P 0x5a 0 64k", "a.qcow2"]).ok();
+    dir
+}
+
+#[test]
+fn json_names_and_image_opts_open_the_image_they_describe() {
+    let dir = setup();
+    let d = dir.path();
+    let json = "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'a.qcow2'}}";
+    let out = same(d, "qemu-io", &["-c", "read -P 0x5a 0 64k", json]);
+    assert!(out.contains("read 65536/65536 bytes at offset 0"), "{out}");
+    let flat = "json:{\"driver\": \"qcow2\", \"file.filename\": \"a.qcow2\"}";
+    same(d, "qemu-io", &["-r", "-c", "read -P 0 64k 64k", flat]);
+    let opts = "driver=qcow2,file.driver=file,file.filename=a.qcow2";
+    let out = same(
+        d,
+        "qemu-img",
+        &["map", "--output=json", "--image-opts", opts],
+    );
+    assert!(out.contains("\"data\": true"), "{out}");
+    same(d, "qemu-io", &["--image-opts", "-c", "read -P 0x5a 0 4k", opts]);
+    same(
+        d,
+        "qemu-io",
+        &["-c", "open -o driver=qcow2 a.qcow2", "-c", "read -P 0x5a 0 4k"],
+    );
+    // What does not open is refused with QEMU's words.
+    same(d, "qemu-io", &["-c", "read 0 4k", "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'nope'}}"]);
+    same(d, "qemu-io", &["--image-opts", "-c", "read 0 4k", "driver=qcow2,file.driver=file,file.filename=a.qcow2,bogus=1"]);
+    same(d, "qemu-img", &["info", "nope:a.qcow2"]);
+}
+
+#[test]
+fn blkdebug_fails_the_requests_its_rules_name() {
+    let dir = setup();
+    let d = dir.path();
+    std::fs::write(
+        d.join("read.conf"),
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nonce = \"on\"\n",
+    )
+    .unwrap();
+    let out = same(
+        d,
+        "qemu-io",
+        &["-c", "read 0 4k", "-c", "read -P 0x5a 0 4k", "blkdebug:read.conf:a.qcow2"],
+    );
+    assert!(out.contains("read failed: Input/output error"), "{out}");
+    std::fs::write(
+        d.join("write.conf"),
+        "[inject-error]\nevent = \"write_aio\"\nerrno = \"28\"\nonce = \"on\"\n",
+    )
+    .unwrap();
+    let out = same(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "open -o driver=qcow2,file.driver=blkdebug,file.config=write.conf a.qcow2",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "read -P 0x5a 0 4k",
+        ],
+    );
+    assert!(out.contains("write failed: No space left on device"), "{out}");
+    // compare: a read failure is status 4 with qemu-img's message.
+    qemu_img_in(d, ["convert", "-O", "qcow2", "a.qcow2", "b.qcow2"]).ok();
+    std::fs::write(
+        d.join("all.conf"),
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n",
+    )
+    .unwrap();
+    let (st, out) = run(
+        &d.join("bin/qemu-img"),
+        &["compare", "blkdebug:all.conf:a.qcow2", "b.qcow2"],
+        d,
+    );
+    assert_eq!(st, 4, "{out}");
+    same(d, "qemu-img", &["compare", "blkdebug:all.conf:a.qcow2", "b.qcow2"]);
+}
+
+/// QEMU's nesting: "Could not open 'top': Could not open backing file: Could not open
+/// 'base': No such file or directory", and qemu-io's "can't open device".
+#[test]
+fn open_failures_are_worded_as_qemu_words_them() {
+    let dir = setup();
+    let d = dir.path();
+    qemu_img_in(
+        d,
+        ["create", "-q", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "-u", "t.qcow2", "1M"],
+    )
+    .ok();
+    same(d, "qemu-img", &["info", "--backing-chain", "t.qcow2"]);
+    same(d, "qemu-img", &["check", "missing.qcow2"]);
+    same(d, "qemu-io", &["-c", "read 0 4k", "t.qcow2"]);
+    same(d, "qemu-io", &["-c", "read 0 4k", "missing.qcow2"]);
+    same(d, "qemu-img", &["create", "-f", "qcow2", "-b", "gone.qcow2", "u.qcow2"]);
+    same(d, "qemu-img", &["create", "-f", "qcow2", "-b", "a.qcow2", "u.qcow2"]);
+    // Requests past the end fail with EIO in qemu-io, as in QEMU's block layer.
+    same(d, "qemu-io", &["-c", "read 1M 4k", "-c", "writev 1M 4k", "a.qcow2"]);
+}
+
+/// A new raw file has its first block written, as QEMU's file driver does (and maps so).
+#[test]
+fn raw_create_writes_the_first_block_as_qemu_does() {
+    let dir = tempdir();
+    let d = dir.path();
+    ours(d);
+    for size in ["1M", "2048"] {
+        run(&d.join("bin/qemu-img"), &["create", "-f", "raw", "v.raw", size], d);
+        run(&qemu_tool("qemu-img"), &["create", "-f", "raw", "q.raw", size], d);
+        let map = |f: &str| run(&qemu_tool("qemu-img"), &["map", "--output=json", f], d).1;
+        assert_eq!(map("v.raw"), map("q.raw"), "{size}");
+        assert_eq!(allocated(&d.join("v.raw")), allocated(&d.join("q.raw")), "{size}");
+    }
+}
