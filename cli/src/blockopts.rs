@@ -300,6 +300,16 @@ pub fn is_special(name: &str) -> bool {
     }
 }
 
+/// The path after a `file:` prefix as QEMU names the file: a relative path that would
+/// read as a protocol name itself gets `./` before it.
+pub fn protocol_path(rest: &str) -> String {
+    if is_special(rest) {
+        format!("./{rest}")
+    } else {
+        rest.to_string()
+    }
+}
+
 /// The protocol node a special file name stands for, or the options of a `json:` name.
 fn from_name(name: &str) -> Result<(Node, bool), Error> {
     if let Some(json) = name.strip_prefix("json:") {
@@ -310,7 +320,7 @@ fn from_name(name: &str) -> Result<(Node, bool), Error> {
     match proto {
         "file" | "host_device" | "host_cdrom" if is_special(name) => {
             node.insert("driver", Val::Str(proto.into()))?;
-            node.insert("filename", Val::Str(rest.into()))?;
+            node.insert("filename", Val::Str(protocol_path(rest)))?;
         }
         "blkdebug" => {
             // blkdebug:CONFIG:IMAGE (the configuration may be empty)
@@ -389,7 +399,9 @@ pub fn plain_filename(top: &Node) -> Option<String> {
     }
     match top.0.get("file")? {
         Val::Node(f) => {
-            let ok = f.0.keys().all(|k| matches!(k.as_str(), "driver" | "filename" | "node-name"));
+            let ok =
+                f.0.keys()
+                    .all(|k| matches!(k.as_str(), "driver" | "filename" | "node-name"));
             match (f.driver(), f.0.get("filename")) {
                 (None | Some("file"), Some(Val::Str(name))) if ok => Some(name.clone()),
                 _ => None,
@@ -404,10 +416,15 @@ pub fn plain_filename(top: &Node) -> Option<String> {
 pub fn display_name(arg: &str, image_opts: bool) -> String {
     let node = if image_opts {
         Node::parse_keyval(arg).ok()
+    } else if let Some(rest) = arg.strip_prefix("file:") {
+        return protocol_path(rest);
     } else {
-        arg.strip_prefix("json:").and_then(|j| Node::parse_json(j).ok())
+        arg.strip_prefix("json:")
+            .and_then(|j| Node::parse_json(j).ok())
     };
-    node.as_ref().and_then(plain_filename).unwrap_or_else(|| arg.to_string())
+    node.as_ref()
+        .and_then(plain_filename)
+        .unwrap_or_else(|| arg.to_string())
 }
 
 /// Opens an image from a special file name (see [`is_special`]) with `format` and `opts`.
@@ -506,9 +523,14 @@ pub fn open(mut node: Node, opts: OpenOptions) -> BoxFuture<'static, Result<Imag
             }
             _ => return Err(invalid("A block device must be specified for \"file\"")),
         };
+        let mut named_backing = None;
         match node.take("backing") {
             None => {}
             Some(Val::Null) => opts = opts.no_backing(true),
+            // Options for the backing file the image names (`backing.driver=qcow2`).
+            Some(Val::Node(b)) if !b.0.contains_key("file") && !b.0.contains_key("filename") => {
+                named_backing = Some(b)
+            }
             Some(Val::Node(b)) => {
                 let backing = open(b, opts.clone().writable(false)).await?;
                 opts = opts.backing(backing);
@@ -542,11 +564,32 @@ pub fn open(mut node: Node, opts: OpenOptions) -> BoxFuture<'static, Result<Imag
         let name = format.map_or("raw", |f| f.name());
         refuse_unknown(&node, "format", name)?;
         let storage = open_storage(child, &opts).await?;
-        let mut open = ImageOpen::storage(storage).options(opts);
-        if let Some(f) = format {
-            open = open.format(f);
+        let with_format = |open: ImageOpen| match format {
+            Some(f) => open.format(f),
+            None => open,
+        };
+        if let Some(b) = named_backing {
+            let header = with_format(ImageOpen::storage(Arc::clone(&storage)))
+                .options(
+                    opts.clone()
+                        .writable(false)
+                        .no_backing(true)
+                        .metadata_only(true),
+                )
+                .open()
+                .await?;
+            let name = header.describe().full_backing_filename;
+            drop(header);
+            if let Some(name) = name {
+                let backing =
+                    open(with_name(b, Some(&name))?, opts.clone().writable(false)).await?;
+                opts = opts.backing(backing);
+            }
         }
-        open.open().await
+        with_format(ImageOpen::storage(storage))
+            .options(opts)
+            .open()
+            .await
     })
 }
 

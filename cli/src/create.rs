@@ -168,9 +168,13 @@ impl CreatePlan {
         format!("Formatting '{filename}', fmt={} {summary}", self.format)
     }
 
-    /// Creates the image.
+    /// Creates the image (`file:PATH` creates PATH, as qemu-img).
     pub async fn create(&self, filename: &str) -> Result<(), Error> {
-        let path = std::path::Path::new(filename);
+        let plain = match filename.strip_prefix("file:") {
+            Some(rest) => crate::blockopts::protocol_path(rest),
+            None => filename.to_string(),
+        };
+        let path = std::path::Path::new(&plain);
         self.format
             .entry()
             .create(path, &self.options)

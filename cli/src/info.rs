@@ -340,7 +340,9 @@ pub async fn run(args: InfoArgs) -> CmdResult {
         let mut cur = image;
         loop {
             let desc = cur.describe();
-            let Some(name) = desc.full_backing_filename else { break };
+            let Some(name) = desc.full_backing_filename else {
+                break;
+            };
             let id = std::fs::canonicalize(&name).ok();
             if id.is_some() && seen.contains(&id) {
                 return Err(crate::usage_error(format!(
@@ -348,9 +350,8 @@ pub async fn run(args: InfoArgs) -> CmdResult {
                 )));
             }
             seen.push(id);
-            let next =
-                crate::open_named_image(&name, desc.backing_format.as_deref(), opts.clone())
-                    .await?;
+            let next = crate::open_named_image(&name, desc.backing_format.as_deref(), opts.clone())
+                .await?;
             chain.push((next.clone(), name));
             cur = next;
         }

@@ -213,6 +213,40 @@ impl Session {
             .expect("run_line checks that an image is open")
     }
 
+    /// qemu-io's `info`: format name, cluster size, the offset of the VM state (qcow2's:
+    /// the first L1 entry past the disk), then the format's own information.
+    fn info(&self) -> String {
+        let image = self.image();
+        let desc = image.describe();
+        let cluster = desc.cluster_size.unwrap_or(0);
+        let specific = desc.format_specific.as_ref().map(|f| f.human(4));
+        let vm_state = if image.format() == vmimg::Format::QCOW2 && cluster > 0 {
+            let entry = if specific
+                .as_deref()
+                .is_some_and(|t| t.contains("extended l2: true"))
+            {
+                16
+            } else {
+                8
+            };
+            let coverage = cluster * (cluster / entry);
+            image.size().div_ceil(coverage) * coverage
+        } else {
+            0
+        };
+        let mut s = format!(
+            "format name: {}\ncluster size: {}\nvm state offset: {}\n",
+            image.format().name(),
+            io_size(cluster as f64),
+            io_size(vm_state as f64)
+        );
+        if let Some(f) = specific {
+            s += "Format specific information:\n";
+            s += &f;
+        }
+        s
+    }
+
     /// qemu-io's `open [-rsnCkU] [-t CACHE] [-o OPTIONS] [FILE]` (OPTIONS: `driver=FMT`,
     /// `file.filename=FILE` or `filename=FILE`, `file.driver=file`).
     async fn open(&mut self, words: &[&str]) -> Result<(), String> {
@@ -380,6 +414,11 @@ impl Session {
             "discard" | "d" => self.discard(rest).await,
             "flush" | "f" => self.image().sync().await.map_err(|e| failed("flush", &e)),
             "truncate" | "t" => self.truncate(rest).await,
+            "info" | "i" => {
+                let s = self.info();
+                self.say(s.trim_end());
+                Ok(())
+            }
             "length" | "l" => {
                 let s = io_size(self.image().size() as f64);
                 self.say(&s);

@@ -73,15 +73,41 @@ fn json_names_and_image_opts_open_the_image_they_describe() {
         &["map", "--output=json", "--image-opts", opts],
     );
     assert!(out.contains("\"data\": true"), "{out}");
-    same(d, "qemu-io", &["--image-opts", "-c", "read -P 0x5a 0 4k", opts]);
     same(
         d,
         "qemu-io",
-        &["-c", "open -o driver=qcow2 a.qcow2", "-c", "read -P 0x5a 0 4k"],
+        &["--image-opts", "-c", "read -P 0x5a 0 4k", opts],
+    );
+    same(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "open -o driver=qcow2 a.qcow2",
+            "-c",
+            "read -P 0x5a 0 4k",
+        ],
     );
     // What does not open is refused with QEMU's words.
-    same(d, "qemu-io", &["-c", "read 0 4k", "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'nope'}}"]);
-    same(d, "qemu-io", &["--image-opts", "-c", "read 0 4k", "driver=qcow2,file.driver=file,file.filename=a.qcow2,bogus=1"]);
+    same(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "read 0 4k",
+            "json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'nope'}}",
+        ],
+    );
+    same(
+        d,
+        "qemu-io",
+        &[
+            "--image-opts",
+            "-c",
+            "read 0 4k",
+            "driver=qcow2,file.driver=file,file.filename=a.qcow2,bogus=1",
+        ],
+    );
     same(d, "qemu-img", &["info", "nope:a.qcow2"]);
 }
 
@@ -97,7 +123,13 @@ fn blkdebug_fails_the_requests_its_rules_name() {
     let out = same(
         d,
         "qemu-io",
-        &["-c", "read 0 4k", "-c", "read -P 0x5a 0 4k", "blkdebug:read.conf:a.qcow2"],
+        &[
+            "-c",
+            "read 0 4k",
+            "-c",
+            "read -P 0x5a 0 4k",
+            "blkdebug:read.conf:a.qcow2",
+        ],
     );
     assert!(out.contains("read failed: Input/output error"), "{out}");
     std::fs::write(
@@ -117,7 +149,10 @@ fn blkdebug_fails_the_requests_its_rules_name() {
             "read -P 0x5a 0 4k",
         ],
     );
-    assert!(out.contains("write failed: No space left on device"), "{out}");
+    assert!(
+        out.contains("write failed: No space left on device"),
+        "{out}"
+    );
     // compare: a read failure is status 4 with qemu-img's message.
     qemu_img_in(d, ["convert", "-O", "qcow2", "a.qcow2", "b.qcow2"]).ok();
     std::fs::write(
@@ -131,7 +166,11 @@ fn blkdebug_fails_the_requests_its_rules_name() {
         d,
     );
     assert_eq!(st, 4, "{out}");
-    same(d, "qemu-img", &["compare", "blkdebug:all.conf:a.qcow2", "b.qcow2"]);
+    same(
+        d,
+        "qemu-img",
+        &["compare", "blkdebug:all.conf:a.qcow2", "b.qcow2"],
+    );
 }
 
 /// QEMU's nesting: "Could not open 'top': Could not open backing file: Could not open
@@ -142,17 +181,41 @@ fn open_failures_are_worded_as_qemu_words_them() {
     let d = dir.path();
     qemu_img_in(
         d,
-        ["create", "-q", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "-u", "t.qcow2", "1M"],
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "-u",
+            "t.qcow2",
+            "1M",
+        ],
     )
     .ok();
     same(d, "qemu-img", &["info", "--backing-chain", "t.qcow2"]);
     same(d, "qemu-img", &["check", "missing.qcow2"]);
     same(d, "qemu-io", &["-c", "read 0 4k", "t.qcow2"]);
     same(d, "qemu-io", &["-c", "read 0 4k", "missing.qcow2"]);
-    same(d, "qemu-img", &["create", "-f", "qcow2", "-b", "gone.qcow2", "u.qcow2"]);
-    same(d, "qemu-img", &["create", "-f", "qcow2", "-b", "a.qcow2", "u.qcow2"]);
+    same(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "gone.qcow2", "u.qcow2"],
+    );
+    same(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "a.qcow2", "u.qcow2"],
+    );
     // Requests past the end fail with EIO in qemu-io, as in QEMU's block layer.
-    same(d, "qemu-io", &["-c", "read 1M 4k", "-c", "writev 1M 4k", "a.qcow2"]);
+    same(
+        d,
+        "qemu-io",
+        &["-c", "read 1M 4k", "-c", "writev 1M 4k", "a.qcow2"],
+    );
 }
 
 /// A new raw file has its first block written, as QEMU's file driver does (and maps so).
@@ -162,10 +225,62 @@ fn raw_create_writes_the_first_block_as_qemu_does() {
     let d = dir.path();
     ours(d);
     for size in ["1M", "2048"] {
-        run(&d.join("bin/qemu-img"), &["create", "-f", "raw", "v.raw", size], d);
-        run(&qemu_tool("qemu-img"), &["create", "-f", "raw", "q.raw", size], d);
+        run(
+            &d.join("bin/qemu-img"),
+            &["create", "-f", "raw", "v.raw", size],
+            d,
+        );
+        run(
+            &qemu_tool("qemu-img"),
+            &["create", "-f", "raw", "q.raw", size],
+            d,
+        );
         let map = |f: &str| run(&qemu_tool("qemu-img"), &["map", "--output=json", f], d).1;
         assert_eq!(map("v.raw"), map("q.raw"), "{size}");
-        assert_eq!(allocated(&d.join("v.raw")), allocated(&d.join("q.raw")), "{size}");
+        assert_eq!(
+            allocated(&d.join("v.raw")),
+            allocated(&d.join("q.raw")),
+            "{size}"
+        );
     }
+}
+
+/// qemu-io's `info`, a json: name with inline blkdebug rules (qcow2's `l2_load` event),
+/// options for the backing file the image names (`backing.driver`), and `file:` names.
+#[test]
+fn qemu_io_info_inline_rules_backing_options_and_file_names() {
+    let dir = setup();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "raw", "r.raw", "1M"]).ok();
+    same(d, "qemu-io", &["-c", "info", "a.qcow2"]);
+    same(d, "qemu-io", &["-f", "raw", "-c", "info", "r.raw"]);
+    let json = "json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', 'inject-error': \
+                [{'event': 'l2_load'}], 'image': {'driver': 'file', 'filename': 'a.qcow2'}}}";
+    let out = same(d, "qemu-io", &["-c", "read 0 512", json]);
+    assert!(out.contains("read failed: Input/output error"), "{out}");
+    qemu_img_in(
+        d,
+        [
+            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "t.qcow2",
+        ],
+    )
+    .ok();
+    same(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "open -o backing.driver=qcow2 t.qcow2",
+            "-c",
+            "read -P 0x5a 0 64k",
+        ],
+    );
+    let mine = run(
+        &d.join("bin/qemu-img"),
+        &["create", "-f", "qcow2", "file:x:y.qcow2", "1M"],
+        d,
+    );
+    assert_eq!(mine.0, 0, "{mine:?}");
+    assert!(d.join("x:y.qcow2").exists());
+    same(d, "qemu-img", &["info", "file:x:y.qcow2"]);
 }

@@ -367,6 +367,7 @@ impl Qcow2Driver {
         }
         let generation = self.cache.generation();
         let mut bytes = vec![0u8; self.geometry.cluster_size() as usize];
+        self.file.debug_event("l2_load");
         self.file
             .read_at(offset, &mut bytes)
             .await

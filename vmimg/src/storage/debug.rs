@@ -10,11 +10,11 @@
 //!                                            (once: and is then forgotten)
 //! ```
 //!
-//! Data reads and writes of an image announce themselves (`read_aio`, `write_aio`); writes,
-//! zero writes and flushes of this storage raise QEMU's block-layer events (`pwritev`,
-//! `pwritev_zero`, `pwritev_done`, `flush_to_os`, `flush_to_disk`) themselves. Events of
-//! QEMU's format drivers that vmimg does not raise (`l1_update`, ...) are accepted in rules
-//! and never fire.
+//! Data reads and writes of an image announce themselves (`read_aio`, `write_aio`), qcow2
+//! announces its L2 table loads (`l2_load`); writes, zero writes and flushes of this storage
+//! raise QEMU's block-layer events (`pwritev`, `pwritev_zero`, `pwritev_done`,
+//! `flush_to_os`, `flush_to_disk`) themselves. The other events of QEMU's format drivers
+//! (`l1_update`, `refblock_alloc`, ...) are accepted in rules and do not fire yet.
 
 use super::{BoxFuture, HostExtent, Permissions, PreallocMode, ResolvedName, Storage};
 use crate::{Error, ErrorKind, Result};
