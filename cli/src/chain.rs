@@ -83,12 +83,21 @@ pub async fn commit(args: CommitArgs) -> CmdResult {
     let depth = match &args.base {
         None => 1,
         Some(b) => {
-            let want = canonical(Path::new(b));
-            files
-                .iter()
-                .position(|(p, _)| p.as_deref().map(canonical).as_ref() == Some(&want))
-                .filter(|&d| d > 0)
-                .ok_or_else(|| usage_error(format!("'{b}' is not in the backing chain")))?
+            // As qemu-img: a relative name is taken relative to each overlay's directory.
+            (1..files.len())
+                .find(|&d| {
+                    let (Some(overlay), Some(layer)) = (&files[d - 1].0, &files[d].0) else {
+                        return false;
+                    };
+                    let dir = overlay.parent().unwrap_or(Path::new(""));
+                    canonical(&dir.join(b)) == canonical(layer)
+                })
+                .ok_or_else(|| {
+                    usage_error(format!(
+                        "Did not find '{b}' in the backing chain of '{}'",
+                        args.filename
+                    ))
+                })?
         }
     };
     // As qemu-img: `-b` implies `-d`, since the layers between the top and the base no

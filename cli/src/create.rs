@@ -2,7 +2,7 @@
 //! the format's schema (from the registry) before anything is printed or created.
 
 use crate::size::parse_size;
-use crate::{open_image, usage_error, CmdResult};
+use crate::{usage_error, CmdResult};
 use clap::Args;
 use vmimg::format::{options_help, parse_option_list, FormatOptions, ImageFormat, OptionValue};
 use vmimg::{Error, Format, PreallocMode};
@@ -121,9 +121,14 @@ pub async fn plan(
             let dir = std::path::Path::new(a.filename)
                 .parent()
                 .unwrap_or(std::path::Path::new(""));
-            let path = dir.join(b);
+            // json: and protocol names are not paths relative to the image.
+            let path = if crate::blockopts::is_special(b) {
+                b.to_string()
+            } else {
+                dir.join(b).to_string_lossy().into_owned()
+            };
             let f = options.str("backing_fmt");
-            let img = open_image(&path.to_string_lossy(), f, false, false)
+            let img = crate::open_named_image(&path, f, vmimg::OpenOptions::new())
                 .await
                 .map_err(|e| {
                     prefixed(usage_error(format!(

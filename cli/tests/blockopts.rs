@@ -284,3 +284,41 @@ fn qemu_io_info_inline_rules_backing_options_and_file_names() {
     assert!(d.join("x:y.qcow2").exists());
     same(d, "qemu-img", &["info", "file:x:y.qcow2"]);
 }
+
+/// commit -b takes a relative name relative to each overlay's directory, as qemu-img
+/// does (not to the working directory), with qemu-img's words when it matches no layer.
+#[test]
+fn commit_base_names_resolve_as_qemu_img_resolves_them() {
+    for tool in ["ours", "qemu"] {
+        let dir = tempdir();
+        let d = dir.path();
+        ours(d);
+        std::fs::create_dir(d.join("sub")).unwrap();
+        qemu_img_in(d, ["create", "-q", "-f", "qcow2", "sub/b.qcow2", "1M"]).ok();
+        for (img, back) in [("sub/m.qcow2", "b.qcow2"), ("sub/t.qcow2", "m.qcow2")] {
+            qemu_img_in(
+                d,
+                [
+                    "create", "-q", "-f", "qcow2", "-b", back, "-F", "qcow2", img,
+                ],
+            )
+            .ok();
+        }
+        let exe = if tool == "ours" {
+            d.join("bin/qemu-img")
+        } else {
+            qemu_tool("qemu-img")
+        };
+        let (st, out) = run(&exe, &["commit", "-b", "sub/m.qcow2", "sub/t.qcow2"], d);
+        assert_eq!(
+            (st, out.as_str()),
+            (
+                1,
+                "qemu-img: Did not find 'sub/m.qcow2' in the backing chain of 'sub/t.qcow2'"
+            ),
+            "{tool}"
+        );
+        let (st, out) = run(&exe, &["commit", "-b", "m.qcow2", "sub/t.qcow2"], d);
+        assert_eq!((st, out.as_str()), (0, "Image committed."), "{tool}");
+    }
+}
