@@ -5,7 +5,7 @@ use crate::{open_image_with, CmdResult};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
 use vmimg::format::{InfoValue, SnapshotInfo};
-use vmimg::{Image, OpenOptions};
+use vmimg::{Error, ErrorKind, Image, OpenOptions};
 
 /// Output style of `info` and friends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -324,38 +324,58 @@ pub fn info_human(image: &Image, filename: &str) -> String {
 }
 
 pub async fn run(args: InfoArgs) -> CmdResult {
-    // As qemu-img: the backing file is only opened for --backing-chain, so that the
-    // info of an overlay whose backing file is missing still shows.
-    // With --backing-chain each layer is opened by itself, by the name its overlay gives
-    // (so a layer that does not open is reported as that file, as qemu-img reports it).
+    // As qemu-img: each image is opened on its own, without its backing file, so that the
+    // info of an overlay whose backing file is missing still shows, and --backing-chain
+    // follows the names the images give, refusing a name met twice.
     let opts = OpenOptions::new()
         .force_share(args.force_share)
         .metadata_only(true)
         .no_backing(true);
-    let image = open_image_with(&args.filename, args.format.as_deref(), opts.clone()).await?;
-    let shown = crate::blockopts::display_name(&args.filename, crate::image_opts());
-    let mut chain = vec![(image.clone(), shown)];
-    if args.backing_chain {
-        let mut seen = vec![std::fs::canonicalize(&args.filename).ok()];
-        let mut cur = image;
-        loop {
-            let desc = cur.describe();
-            let Some(name) = desc.full_backing_filename else {
-                break;
-            };
-            let id = std::fs::canonicalize(&name).ok();
-            if id.is_some() && seen.contains(&id) {
-                return Err(crate::usage_error(format!(
-                    "Backing file '{name}' creates an infinite loop."
-                )));
-            }
-            seen.push(id);
-            let next = crate::open_named_image(&name, desc.backing_format.as_deref(), opts.clone())
-                .await?;
-            chain.push((next.clone(), name));
-            cur = next;
+    let mut chain: Vec<(Image, String)> = Vec::new();
+    let mut next = Some((args.filename.clone(), args.format.clone()));
+    while let Some((name, format)) = next.take() {
+        if chain.iter().any(|(_, n)| *n == name) {
+            return Err(Error::new(
+                ErrorKind::InvalidFormat,
+                format!("Backing file '{name}' creates an infinite loop."),
+            ));
         }
+        let image = if let Some((_, overlay)) = chain.last() {
+            // Untrusted images open nothing they name (the implicit-open policy's rule).
+            if crate::UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "not opening backing file '{name}' named by '{overlay}': the \
+                         implicit-open policy denies it"
+                    ),
+                ));
+            }
+            // A name an image gives is a file name, also under --image-opts.
+            crate::open_named_image(&name, format.as_deref(), opts.clone()).await?
+        } else {
+            open_image_with(&name, format.as_deref(), opts.clone()).await?
+        };
+        if args.backing_chain {
+            let desc = image.describe();
+            next = match (desc.full_backing_filename, desc.backing_filename) {
+                (Some(full), _) => Some((full, desc.backing_format)),
+                (None, Some(b)) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "Could not determine absolute backing filename, but backing \
+                             filename '{b}' present"
+                        ),
+                    ))
+                }
+                (None, None) => None,
+            };
+        }
+        chain.push((image, name));
     }
+    // The name shown for the image given: a plain file name where options reduce to one.
+    chain[0].1 = crate::blockopts::display_name(&args.filename, crate::image_opts());
     match args.output {
         OutputFormat::Json if args.backing_chain => {
             let list: Vec<Value> = chain.iter().map(|(i, n)| info_json(i, n)).collect();

@@ -894,3 +894,43 @@ fn resize_shrink_messages_match_qemu_img() {
         assert_eq!(v.stderr.replace("vmimg", "qemu-img"), q.stderr, "{args:?}");
     }
 }
+
+/// `info --backing-chain` on a chain that loops (iotest 043): qemu-img's words, naming
+/// the backing file met a second time, and no image printed.
+#[test]
+fn info_backing_chain_loop_message_matches_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    let abs = |n: &str| s(&d.join(n)).to_string();
+    for (img, backing) in [("self.qcow2", "self.qcow2"), ("b.qcow2", "a.qcow2")] {
+        qemu_img_in(d, ["create", "-q", "-f", "qcow2", img, "1M"]).ok();
+        if img == "b.qcow2" {
+            qemu_img_in(d, ["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]).ok();
+            qemu_img_in(
+                d,
+                [
+                    "rebase",
+                    "-u",
+                    "-F",
+                    "qcow2",
+                    "-b",
+                    &abs("b.qcow2"),
+                    "a.qcow2",
+                ],
+            )
+            .ok();
+        }
+        qemu_img_in(d, ["rebase", "-u", "-F", "qcow2", "-b", &abs(backing), img]).ok();
+        for name in [img.to_string(), abs(img)] {
+            let q = qemu_img_in(d, ["info", "--backing-chain", &name]);
+            let v = vmimg_in(d, ["info", "--backing-chain", &name]);
+            assert_eq!(q.status, 1, "{q:?}");
+            assert_eq!((v.status, &v.stdout), (q.status, &q.stdout), "{name}");
+            assert_eq!(
+                v.stderr.strip_prefix("vmimg: "),
+                q.stderr.strip_prefix("qemu-img: "),
+                "{name}"
+            );
+        }
+    }
+}

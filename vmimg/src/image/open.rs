@@ -439,11 +439,13 @@ pub(crate) async fn open_chain(
         }
         if let Some(id) = identity(storage.as_ref()) {
             if seen.contains(&id) {
+                // qemu-img's words (its info --backing-chain detects loops).
+                let name = storage.path().unwrap_or(&id);
                 return Err(Error::new(
                     ErrorKind::InvalidFormat,
                     format!(
-                        "backing chain loop: '{}' appears twice in the chain",
-                        id.display()
+                        "Backing file '{}' creates an infinite loop.",
+                        name.display()
                     ),
                 ));
             }
