@@ -142,7 +142,8 @@ pub async fn commit(args: CommitArgs) -> CmdResult {
         // Ranges answered above the base are what the commit moves down.
         if st.present() && st.depth < depth {
             if st.zero() {
-                base.write_zeroes(off, n, false).await?;
+                // As qemu-img 10: zeroes release the base's clusters (write with unmap).
+                base.write_zeroes(off, n, true).await?;
             } else {
                 top.read(off, &mut buf[..n as usize]).await?;
                 base.write(off, &buf[..n as usize]).await?;

@@ -934,3 +934,38 @@ fn info_backing_chain_loop_message_matches_qemu_img() {
         }
     }
 }
+
+/// commit of zeros releases the base's clusters, as qemu-img 10 does (iotest 313): check
+/// then counts no allocated cluster, and map agrees.
+#[test]
+fn commit_of_zeros_unmaps_the_bases_clusters() {
+    let dir = tempdir();
+    let d = dir.path();
+    for tool in ["q", "v"] {
+        let base = format!("{tool}.base.qcow2");
+        let top = format!("{tool}.qcow2");
+        qemu_img_in(d, ["create", "-q", "-f", "qcow2", &base, "1M"]).ok();
+        qemu_io_in(d, ["-f", "qcow2", "-c", "write -P 1 0 1M", &base]).ok();
+        qemu_img_in(
+            d,
+            [
+                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &top,
+            ],
+        )
+        .ok();
+        qemu_io_in(d, ["-f", "qcow2", "-c", "write -z 0 768k", &top]).ok();
+        let args = ["commit", "-q", top.as_str()];
+        match tool {
+            "q" => qemu_img_in(d, args).ok(),
+            _ => vmimg_in(d, args).ok(),
+        };
+    }
+    for cmd in [&["check"][..], &["map", "--output=json"]] {
+        let run = |img: &str| {
+            let mut args = cmd.to_vec();
+            args.push(img);
+            qemu_img_in(d, args).ok().stdout
+        };
+        assert_eq!(run("v.base.qcow2"), run("q.base.qcow2"), "{cmd:?}");
+    }
+}
