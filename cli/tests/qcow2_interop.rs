@@ -1355,3 +1355,31 @@ fn info_json_lazy_refcounts_dirty() {
     let img = build_lazy_dirty(dir.path());
     all_ok(vec![check_info_json(&elsewhere(), &img)]);
 }
+
+/// A header rewrite puts the extensions in qemu-img's order (iotest 031): backing format,
+/// feature table, then the unknown extensions the image had, even when the image had
+/// them first.
+#[test]
+fn header_rewrite_orders_extensions_as_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    create(d, "qcow2", "base.qcow2", "1M", "");
+    for img in ["q.qcow2", "v.qcow2"] {
+        let path = create(d, "qcow2", img, "1M", "");
+        // An unknown extension in front of the feature table.
+        let mut b = std::fs::read(&path).unwrap();
+        let header_len = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+        let mut ext = 0x1234_5678u32.to_be_bytes().to_vec();
+        ext.extend_from_slice(&7u32.to_be_bytes());
+        ext.extend_from_slice(b"unknown\0");
+        b.splice(header_len..header_len, ext.iter().copied());
+        // The first cluster keeps its size: what moved past it was padding.
+        b.drain(65536..65536 + ext.len());
+        std::fs::write(&path, b).unwrap();
+    }
+    let args = |img: &'static str| ["rebase", "-u", "-F", "qcow2", "-b", "base.qcow2", img];
+    qemu_img_in(d, args("q.qcow2")).ok();
+    vmimg_in(d, args("v.qcow2")).ok();
+    let header = |img: &str| std::fs::read(d.join(img)).unwrap()[..65536].to_vec();
+    assert!(header("v.qcow2") == header("q.qcow2"));
+}

@@ -766,15 +766,18 @@ impl Header {
             data.extend_from_slice(&c.length.to_be_bytes());
             ext(&mut b, ext::CRYPTO, &data);
         }
+        // QEMU's order: the feature table, then the bitmaps, then the extensions it does
+        // not know, kept as the image had them.
+        let mut tail = Vec::new();
         if let Some(bm) = &self.bitmaps {
             let mut data = bm.nb_bitmaps.to_be_bytes().to_vec();
             data.extend_from_slice(&[0; 4]);
             data.extend_from_slice(&bm.directory_size.to_be_bytes());
             data.extend_from_slice(&bm.directory_offset.to_be_bytes());
-            ext(&mut b, ext::BITMAPS, &data);
+            ext(&mut tail, ext::BITMAPS, &data);
         }
         for (t, data) in &self.unknown_extensions {
-            ext(&mut b, *t, data);
+            ext(&mut tail, *t, data);
         }
         if !self.feature_names.is_empty() {
             let mut data = Vec::with_capacity(self.feature_names.len() * 48);
@@ -787,12 +790,17 @@ impl Header {
                 data.extend_from_slice(&e);
             }
             // QEMU leaves the table out when it would not fit; so do we.
-            let with_table =
-                b.len() + 8 + data.len() + 8 + self.backing_file.as_ref().map_or(0, String::len);
+            let with_table = b.len()
+                + 8
+                + data.len()
+                + tail.len()
+                + 8
+                + self.backing_file.as_ref().map_or(0, String::len);
             if with_table <= cluster_size {
                 ext(&mut b, ext::FEATURE_TABLE, &data);
             }
         }
+        b.extend_from_slice(&tail);
         b.extend_from_slice(&[0u8; 8]); // end of extensions
         if let Some(name) = &self.backing_file {
             let at = b.len() as u64;
