@@ -4,8 +4,27 @@
 use crate::size::parse_size;
 use crate::{usage_error, CmdResult};
 use clap::Args;
-use vmimg::format::{options_help, parse_option_list, FormatOptions, ImageFormat, OptionValue};
+use vmimg::format::{
+    options_help, parse_option_list, FormatOptions, ImageFormat, OptionKind, OptionSpec,
+    OptionValue,
+};
+use vmimg::storage::{set_created_file_options, CreatedFileOptions};
 use vmimg::{Error, Format, PreallocMode};
+
+/// Options of the file an image is created in, which qemu-img takes with the format's own
+/// (its file protocol's): applied to every file the creation makes.
+const FILE_OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "nocow",
+        kind: OptionKind::Bool,
+        help: "Turn off copy-on-write (valid only on btrfs)",
+    },
+    OptionSpec {
+        name: "extent_size_hint",
+        kind: OptionKind::Size,
+        help: "Extent size hint for the image file, 0 to disable",
+    },
+];
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
@@ -67,6 +86,8 @@ pub fn print_help(format: Format) {
 pub struct CreatePlan {
     pub format: Format,
     pub options: FormatOptions,
+    /// The [`FILE_OPTIONS`] given.
+    pub file_options: FormatOptions,
 }
 
 /// What a creation is made from, besides `-o` options.
@@ -90,7 +111,13 @@ pub async fn plan(
 ) -> Result<CreatePlan, Error> {
     let entry: &dyn ImageFormat = format.entry();
     let prefixed = |e: Error| usage_error(format!("{}: {e}", a.filename));
-    let mut options = FormatOptions::parse(entry.create_options(), items).map_err(prefixed)?;
+    // The format's own options first; the file's are those the format does not have.
+    let (file_items, items): (Vec<_>, Vec<_>) = items.iter().cloned().partition(|(k, _)| {
+        !entry.create_options().iter().any(|s| s.name == k)
+            && FILE_OPTIONS.iter().any(|s| s.name == k)
+    });
+    let mut options = FormatOptions::parse(entry.create_options(), &items).map_err(prefixed)?;
+    let file_options = FormatOptions::parse(FILE_OPTIONS, &file_items).map_err(prefixed)?;
     if let Some(size) = a.size {
         if options.get("size").is_some() {
             return Err(prefixed(usage_error(
@@ -163,18 +190,65 @@ pub async fn plan(
         }
         Some(_) => {}
     }
-    Ok(CreatePlan { format, options })
+    Ok(CreatePlan {
+        format,
+        options,
+        file_options,
+    })
 }
 
 impl CreatePlan {
     /// qemu-img's "Formatting" line.
     pub fn formatting_line(&self, filename: &str) -> String {
-        let summary = self.format.entry().create_summary(&self.options);
+        let mut summary = self.format.entry().create_summary(&self.options);
+        // After the format's options, in qemu-img's order: nocow, the file's preallocation
+        // (raw's, which is the file's in QEMU), extent_size_hint.
+        if let Some(nocow) = self.file_options.bool("nocow") {
+            let nocow = format!(" nocow={}", if nocow { "on" } else { "off" });
+            match summary.find(" preallocation=") {
+                Some(at) if self.format == Format::RAW => summary.insert_str(at, &nocow),
+                _ => summary.push_str(&nocow),
+            }
+        }
+        if let Some(hint) = self.file_options.size("extent_size_hint") {
+            summary.push_str(&format!(" extent_size_hint={hint}"));
+        }
         format!("Formatting '{filename}', fmt={} {summary}", self.format)
+    }
+
+    /// Sets up the files the creation makes with the [`FILE_OPTIONS`] given, as qemu-img:
+    /// a hint of 1 MiB unless one is given, a warning when a given hint cannot be set.
+    fn set_file_options(&self, filename: &str) -> Result<(), Error> {
+        let hint = self.file_options.size("extent_size_hint");
+        let extent_size_hint = match hint.map(u32::try_from) {
+            None => CreatedFileOptions::default().extent_size_hint,
+            Some(Ok(h)) => h,
+            Some(Err(_)) => {
+                return Err(usage_error(format!(
+                    "{filename}: Extent size hint is too large"
+                )))
+            }
+        };
+        fn warn(e: &std::io::Error) {
+            let e = Error::from_io(std::io::Error::from_raw_os_error(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ));
+            eprintln!(
+                "{}: warning: Failed to set extent size hint: {e}",
+                crate::prog()
+            );
+        }
+        set_created_file_options(CreatedFileOptions {
+            extent_size_hint,
+            nocow: self.file_options.bool("nocow").unwrap_or(false),
+            hint_failed: (extent_size_hint != 0 && hint.is_some()).then_some(warn as fn(&_)),
+        });
+        Ok(())
     }
 
     /// Creates the image (`file:PATH` creates PATH, as qemu-img).
     pub async fn create(&self, filename: &str) -> Result<(), Error> {
+        self.set_file_options(filename)?;
         let plain = match filename.strip_prefix("file:") {
             Some(rest) => crate::blockopts::protocol_path(rest),
             None => filename.to_string(),

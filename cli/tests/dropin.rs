@@ -969,3 +969,77 @@ fn commit_of_zeros_unmaps_the_bases_clusters() {
         assert_eq!(run("v.base.qcow2"), run("q.base.qcow2"), "{cmd:?}");
     }
 }
+
+/// The file options qemu-img takes with any format's (iotest 243): `extent_size_hint` and
+/// `nocow` are accepted, shown in the "Formatting" line where qemu-img shows them, and a
+/// hint above 4 GiB is refused after it. The new files are qemu-img's byte for byte (a
+/// qcow2 image without preallocation ends right after its L1 table).
+#[test]
+fn create_takes_the_file_options_as_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    let cases: &[&[&str]] = &[
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=off,extent_size_hint=0",
+            "IMG",
+            "64M",
+        ],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "nocow=on,extent_size_hint=4k",
+            "IMG",
+            "1T",
+        ],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=IMG.data,extent_size_hint=0",
+            "IMG",
+            "64M",
+        ],
+        &["-f", "qcow2", "-o", "preallocation=metadata", "IMG", "4M"],
+        &["-f", "qcow2", "IMG", "0"],
+        &[
+            "-f",
+            "raw",
+            "-o",
+            "size=1M,nocow=on,preallocation=off,extent_size_hint=0",
+            "IMG",
+        ],
+        &["-f", "raw", "-o", "extent_size_hint=8G", "IMG", "1M"],
+        &["-f", "vpc", "-o", "extent_size_hint=1M", "IMG", "1M"],
+        &["-f", "qcow2", "-o", "extent_size_hint=x", "IMG", "1M"],
+    ];
+    let (qd, vd) = (d.join("q"), d.join("v"));
+    for sub in [&qd, &vd] {
+        std::fs::create_dir(sub).unwrap();
+    }
+    for args in cases {
+        let args: Vec<&str> = std::iter::once("create")
+            .chain(args.iter().copied())
+            .collect();
+        let args: Vec<String> = args.iter().map(|a| a.replace("IMG", "t.img")).collect();
+        let q = qemu_img_in(&qd, &args);
+        let v = vmimg_in(&vd, &args);
+        assert_eq!((v.status, &v.stdout), (q.status, &q.stdout), "{args:?}");
+        assert_eq!(
+            v.stderr.strip_prefix("vmimg: "),
+            q.stderr.strip_prefix("qemu-img: "),
+            "{args:?}"
+        );
+        for name in ["t.img", "t.img.data"] {
+            let (ours, theirs) = (vd.join(name), qd.join(name));
+            assert_eq!(ours.exists(), theirs.exists(), "{args:?}");
+            if theirs.exists() && !args.contains(&"vpc".to_string()) {
+                compare_files(&ours, &theirs).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            }
+            let _ = (std::fs::remove_file(ours), std::fs::remove_file(theirs));
+        }
+    }
+}

@@ -360,7 +360,15 @@ impl Qcow2Create {
             file.write_at((blocks_at + i) * cs, &block).await?;
         }
 
-        let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
+        // Without preallocation the file ends right after the L1 entries, as QEMU's does
+        // (the rest of the cluster is past the end and reads as zeros). A block device gets
+        // the whole cluster written over its old bytes.
+        let l1_len = if prealloc || file.is_block_device() {
+            l1_clusters * cs
+        } else {
+            l1_size * 8
+        };
+        let mut l1 = vec![0u8; l1_len as usize];
         for i in 0..l2_count {
             let at = (i * 8) as usize;
             l1[at..at + 8].copy_from_slice(&(((l2_at + i) * cs) | COPIED).to_be_bytes());
@@ -389,7 +397,11 @@ impl Qcow2Create {
         }
         // Size the file: data clusters are a hole (metadata), reserved (falloc) or zeroed
         // (full).
-        let file_end = end * cs;
+        let file_end = if prealloc {
+            end * cs
+        } else {
+            l1_at * cs + l1_len
+        };
         let data_mode = match self.prealloc {
             PreallocMode::Falloc | PreallocMode::Full => self.prealloc,
             _ => PreallocMode::Off,

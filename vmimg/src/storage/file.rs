@@ -35,6 +35,58 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// (idle buffers are peak memory that no request uses).
 static POOL: LazyLock<BufPool> = LazyLock::new(|| BufPool::new(4096, 4 << 20));
 
+/// How the files this process creates ([`FileStorageOpen::create`]) are set up besides
+/// their content: QEMU's file-protocol creation options, which qemu-img applies to every
+/// file it creates for an image (`-o extent_size_hint=`, `-o nocow=`). Process-wide, as
+/// they come from the command line of the one creation a qemu-img run makes.
+#[derive(Clone, Copy, Debug)]
+pub struct CreatedFileOptions {
+    /// Extent size hint in bytes (honoured by XFS); 0 leaves allocation to the file
+    /// system. QEMU's default is 1 MiB.
+    pub extent_size_hint: u32,
+    /// Turn copy-on-write off (honoured by btrfs).
+    pub nocow: bool,
+    /// Called with the reason when the hint cannot be set; the creation goes on either way
+    /// (qemu-img warns only about a hint it was given).
+    pub hint_failed: Option<fn(&io::Error)>,
+}
+
+impl Default for CreatedFileOptions {
+    fn default() -> Self {
+        CreatedFileOptions {
+            extent_size_hint: 1 << 20,
+            nocow: false,
+            hint_failed: None,
+        }
+    }
+}
+
+static CREATED_FILE_OPTIONS: LazyLock<std::sync::Mutex<CreatedFileOptions>> =
+    LazyLock::new(Default::default);
+
+/// Sets the [`CreatedFileOptions`] of the files created from now on.
+pub fn set_created_file_options(opts: CreatedFileOptions) {
+    *CREATED_FILE_OPTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = opts;
+}
+
+/// Applies the [`CreatedFileOptions`] to a file just created (empty, as XFS wants it for
+/// the hint). Failures are not errors: file systems without these features ignore them.
+fn set_up_created_file(file: &File) {
+    let opts = *CREATED_FILE_OPTIONS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if opts.nocow {
+        let _ = sys::set_nocow(file);
+    }
+    if let Err(e) = sys::set_extent_size_hint(file, opts.extent_size_hint) {
+        if let Some(report) = opts.hint_failed {
+            report(&e);
+        }
+    }
+}
+
 /// Builder for [`FileStorage`].
 #[derive(Clone, Debug)]
 pub struct FileStorageOpen {
@@ -197,6 +249,7 @@ impl FileStorageOpen {
             storage.set_permissions(perm, shared)?;
             if !block_device {
                 storage.file.set_len(0)?;
+                set_up_created_file(&storage.file);
             }
         }
         Ok(storage)

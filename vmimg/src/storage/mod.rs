@@ -33,7 +33,7 @@ mod sys;
 pub use aligned::AlignedStorage;
 pub use debug::{DebugConfig, DebugStorage};
 pub use fault::{FaultKind, FaultOp, FaultStorage};
-pub use file::{FileStorage, FileStorageOpen};
+pub use file::{set_created_file_options, CreatedFileOptions, FileStorage, FileStorageOpen};
 pub use hook::{HookStorage, StorageHook, StorageOp};
 pub use lock::{LockMode, Permissions};
 pub use memory::MemoryStorage;

@@ -196,3 +196,61 @@ pub(super) fn blk_discard(file: &File, offset: u64, len: u64) -> io::Result<()> 
         Err(io::Error::last_os_error())
     }
 }
+
+/// `struct fsxattr` of `<linux/fs.h>`.
+#[repr(C)]
+#[derive(Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+/// Sets the file's extent size hint (`FS_IOC_FSSETXATTR` with `FS_XFLAG_EXTSIZE`), which
+/// makes XFS allocate in units of `bytes`; 0 leaves the choice to the file system.
+pub(super) fn set_extent_size_hint(file: &File, bytes: u32) -> io::Result<()> {
+    const FS_XFLAG_EXTSIZE: u32 = 0x0000_0800;
+    let get = libc::_IOR::<FsXattr>(b'X' as u32, 31);
+    let set = libc::_IOW::<FsXattr>(b'X' as u32, 32);
+    let mut attr = FsXattr::default();
+    // SAFETY: the descriptor comes from a live `&File`; FS_IOC_FSGETXATTR writes one
+    // `struct fsxattr` to the pointer, which points at `attr`, alive for the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), get, &mut attr as *mut FsXattr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    attr.xflags |= FS_XFLAG_EXTSIZE;
+    attr.extsize = bytes;
+    // SAFETY: as above; FS_IOC_FSSETXATTR reads one `struct fsxattr` from `attr`.
+    if unsafe { libc::ioctl(file.as_raw_fd(), set, &attr as *const FsXattr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Turns copy-on-write off for the file (`FS_NOCOW_FL`, which btrfs honours while the file
+/// is empty).
+pub(super) fn set_nocow(file: &File) -> io::Result<()> {
+    const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: the descriptor comes from a live `&File`; FS_IOC_GETFLAGS writes one int to
+    // the pointer, which points at `flags`, alive for the call.
+    if unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::FS_IOC_GETFLAGS,
+            &mut flags as *mut _,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    flags |= FS_NOCOW_FL;
+    // SAFETY: as above; FS_IOC_SETFLAGS reads one int from `flags`.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags as *const _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
