@@ -375,6 +375,9 @@ fn joined(r: Result<Result<u64, Error>, tokio::task::JoinError>) -> Result<u64, 
 pub async fn run(args: ConvertArgs) -> CmdResult {
     let (dst_name, src_names) = args.files.split_last().expect("clap requires two files");
     let out_format = crate::create::output_format(&args.out_format)?;
+    if args.no_create && !args.options.is_empty() {
+        return Err(usage_error("-o has no effect when skipping image creation"));
+    }
     if crate::create::wants_help(&args.options) {
         crate::create::print_help(out_format);
         return Ok(0);
@@ -449,7 +452,15 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
             "Compression and preallocation not supported at the same time",
         ));
     }
-    if backing.is_some() && backing_format.is_none() {
+    // qemu-img's order: concatenation first; the backing format is needed only to create
+    // the target (with -n, -B names the target's backing file as it is).
+    if src_names.len() > 1 && backing.is_some() {
+        return Err(usage_error(
+            "Having a backing file for the target makes no sense when concatenating \
+             multiple input images",
+        ));
+    }
+    if !args.no_create && backing.is_some() && backing_format.is_none() {
         return Err(usage_error(
             "Use of backing file requires explicit backing format",
         ));
@@ -504,6 +515,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
             total,
             jobs,
             diff_only,
+            sparse == 0,
             args.progress && !args.quiet,
         )
         .await?;
@@ -615,8 +627,11 @@ async fn compressed_copy(
     total: u64,
     jobs: usize,
     diff_only: bool,
+    allocate_all: bool,
     show_progress: bool,
 ) -> Result<(), Error> {
+    // -S 0 allocates everything, as qemu-img: zeros too are written as compressed clusters.
+    let allocate_all = allocate_all && !diff_only;
     let cs = dst.cluster_size().unwrap_or(65536);
     // Smaller pieces than a plain copy's: compression, not I/O, sets the pace, and the
     // jobs' buffers are most of the memory used.
@@ -626,7 +641,7 @@ async fn compressed_copy(
     let mut off = 0u64;
     while off < total && !crate::signals::stop_requested() {
         let len = chunk.min(total - off);
-        if !diff_only && known_zero(&sources, off, len).await? {
+        if !diff_only && !allocate_all && known_zero(&sources, off, len).await? {
             progress::add(&bar, len);
             off += len;
             continue;
@@ -651,7 +666,7 @@ async fn compressed_copy(
                 if below.is_some_and(|b| b == cluster) {
                     continue;
                 }
-                if !is_zero(cluster) {
+                if allocate_all || !is_zero(cluster) {
                     dst.write_compressed(at, cluster).await?;
                 } else if below.is_some() {
                     dst.write_zeroes(at, cluster.len() as u64, false).await?;

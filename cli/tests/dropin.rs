@@ -443,6 +443,27 @@ fn convert_refuses_what_qemu_img_refuses() {
             "out",
         ],
         &["convert", "-c", "-O", "raw", "src.qcow2", "out"],
+        // Concatenation is refused before the missing backing format (iotest 122).
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "src.qcow2",
+            "src.qcow2",
+            "src.qcow2",
+            "out",
+        ],
+        &[
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "src.qcow2",
+            "out",
+        ],
     ];
     for args in cases {
         let q = qemu_img_in(d, *args);
@@ -1041,5 +1062,43 @@ fn create_takes_the_file_options_as_qemu_img() {
             }
             let _ = (std::fs::remove_file(ours), std::fs::remove_file(theirs));
         }
+    }
+}
+
+/// convert -n -B: the backing file needs no format, since nothing is created (iotest
+/// 122); and -c -S 0 allocates everything, zeros as compressed clusters, as qemu-img.
+#[test]
+fn convert_n_with_b_and_compressed_s0_match_qemu_img() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]).ok();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "src.qcow2", "1000k"]).ok();
+    let writes = ["-c", "write -P 0x22 0 100k", "-c", "write -z 300k 64k"];
+    qemu_io_in(d, [&writes[..], &["src.qcow2"]].concat()).ok();
+    for tool in ["q", "v"] {
+        let out = format!("{tool}.qcow2");
+        qemu_img_in(d, ["create", "-q", "-f", "qcow2", &out, "1000k"]).ok();
+        let n_b = [
+            "convert",
+            "-n",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "src.qcow2",
+            &out,
+        ];
+        let c_s0 = ["convert", "-c", "-S", "0", "-O", "qcow2", "src.qcow2", &out];
+        for args in [&n_b[..], &c_s0] {
+            let r = match tool {
+                "q" => qemu_img_in(d, args),
+                _ => vmimg_in(d, args),
+            };
+            assert_eq!((r.status, r.stderr.as_str()), (0, ""), "{tool} {args:?}");
+        }
+    }
+    for cmd in [&["check"][..], &["map", "--output=json"]] {
+        let run = |img: &str| qemu_img_in(d, [cmd, &[img]].concat()).ok().stdout;
+        assert_eq!(run("v.qcow2"), run("q.qcow2"), "{cmd:?}");
     }
 }
