@@ -4,7 +4,7 @@ use crate::{open_image, open_image_with, usage_error, CmdResult};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use vmimg::io_buf::is_zero;
-use vmimg::{DiscardMode, ErrorKind, Image, OpenOptions, PreallocMode};
+use vmimg::{DiscardMode, Error, ErrorKind, Image, OpenOptions, PreallocMode};
 
 /// Bytes copied per step.
 const CHUNK: u64 = 1 << 20;
@@ -50,6 +50,9 @@ pub struct RebaseArgs {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Compress the clusters the rebase writes (formats with compressed clusters only).
+    #[arg(short = 'c')]
+    compress: bool,
     /// The image to rebase.
     filename: String,
 }
@@ -168,6 +171,20 @@ pub async fn commit(args: CommitArgs) -> CmdResult {
 
 pub async fn rebase(args: RebaseArgs) -> CmdResult {
     let new_name = (!args.backing.is_empty()).then_some(args.backing.as_str());
+    // As qemu-img: the image is opened first, then -c and the backing format are checked.
+    let img = if args.unsafe_mode {
+        // The old backing file may be gone: it is not opened; only the header changes.
+        let opts = OpenOptions::new().writable(true).no_backing(true);
+        open_image_with(&args.filename, args.format.as_deref(), opts).await?
+    } else {
+        open_image(&args.filename, args.format.as_deref(), true, false).await?
+    };
+    if args.compress && !img.format().entry().compressed_writes() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "Compression not supported for this file format",
+        ));
+    }
     if new_name.is_some() && args.backing_format.is_none() {
         return Err(usage_error(format!(
             "Could not change the backing file to '{}': backing format must be specified",
@@ -175,18 +192,10 @@ pub async fn rebase(args: RebaseArgs) -> CmdResult {
         )));
     }
     if args.unsafe_mode {
-        // The old backing file may be gone: it is not opened; only the header changes.
-        let img = open_image_with(
-            &args.filename,
-            args.format.as_deref(),
-            OpenOptions::new().writable(true).no_backing(true),
-        )
-        .await?;
         img.set_backing(new_name, args.backing_format.as_deref())
             .await?;
         return Ok(0);
     }
-    let img = open_image(&args.filename, args.format.as_deref(), true, false).await?;
     let dir = Path::new(&args.filename)
         .parent()
         .unwrap_or(Path::new(""))
@@ -204,6 +213,13 @@ pub async fn rebase(args: RebaseArgs) -> CmdResult {
         ),
         None => None,
     };
+    if args.compress {
+        rebase_compressed(&img, new_backing.as_ref()).await?;
+        img.set_backing(new_name, args.backing_format.as_deref())
+            .await?;
+        img.sync().await?;
+        return Ok(0);
+    }
     let size = img.size();
     let mut off = 0u64;
     let mut old = vec![0u8; CHUNK as usize];
@@ -238,4 +254,66 @@ pub async fn rebase(args: RebaseArgs) -> CmdResult {
         .await?;
     img.sync().await?;
     Ok(0)
+}
+
+/// Reads `buf.len()` bytes at `off` of the new backing file: zeros past its end, or
+/// everywhere when there is none.
+async fn read_new_backing(nb: Option<&Image>, off: u64, buf: &mut [u8]) -> Result<(), Error> {
+    let n = nb.map_or(0, |b| b.size().saturating_sub(off).min(buf.len() as u64)) as usize;
+    buf[n..].fill(0);
+    match nb {
+        Some(b) if n > 0 => b.read(off, &mut buf[..n]).await,
+        _ => Ok(()),
+    }
+}
+
+/// rebase -c: as qemu-img, whole clusters that read through the old backing chain
+/// differently than through the new backing file are written compressed, with the old
+/// content; those wholly past the old backing file's end are written as zeros. Pieces of
+/// clusters the image itself partly holds (subclusters) are written as they are.
+async fn rebase_compressed(img: &Image, new_backing: Option<&Image>) -> Result<(), Error> {
+    let cs = img.cluster_size().unwrap_or(65536);
+    let size = img.size();
+    let old_size = img.backing().map_or(0, |b| b.size());
+    let mut old = vec![0u8; cs as usize];
+    let mut new = vec![0u8; cs as usize];
+    let mut off = 0u64;
+    while off < size {
+        crate::signals::check()?;
+        let cluster = off / cs * cs;
+        let n = cs.min(size - cluster);
+        // The pieces of the cluster that fall through to the backing chain.
+        let mut pieces = Vec::new();
+        let mut at = cluster;
+        while at < cluster + n {
+            let st = img.block_status(at, cluster + n - at).await?;
+            if st.depth > 0 || !st.present() {
+                pieces.push((at, st.len));
+            }
+            at += st.len;
+        }
+        if pieces.iter().map(|p| p.1).sum::<u64>() == n {
+            let len = n as usize;
+            img.read(cluster, &mut old[..len]).await?;
+            read_new_backing(new_backing, cluster, &mut new[..len]).await?;
+            if old[..len] != new[..len] {
+                if cluster >= old_size {
+                    img.write_zeroes(cluster, n, false).await?;
+                } else {
+                    img.write_compressed(cluster, &old[..len]).await?;
+                }
+            }
+        } else {
+            for (at, len) in pieces {
+                let len = len as usize;
+                img.read(at, &mut old[..len]).await?;
+                read_new_backing(new_backing, at, &mut new[..len]).await?;
+                if old[..len] != new[..len] {
+                    img.write(at, &old[..len]).await?;
+                }
+            }
+        }
+        off = cluster + n;
+    }
+    Ok(())
 }

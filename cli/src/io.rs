@@ -8,7 +8,7 @@ use crate::{open_image_with, CmdResult};
 use clap::Args;
 use std::io::{BufRead, Write};
 use std::time::Instant;
-use vmimg::{BlockStatus, DiscardMode, Image, OpenOptions, PreallocMode};
+use vmimg::{BlockStatus, DiscardMode, Error, Image, OpenOptions, PreallocMode};
 
 #[derive(Args, Debug)]
 #[command(args_override_self = true)]
@@ -561,6 +561,15 @@ impl Session {
         if p.has('u') && !p.has('z') {
             return Err("-u requires -z to be specified".into());
         }
+        if p.has('b') || p.has('c') {
+            for (value, name) in [(off, "offset"), (total, "count")] {
+                if value % 512 != 0 {
+                    return Err(format!(
+                        "{value} is not a sector-aligned value for '{name}'"
+                    ));
+                }
+            }
+        }
         let start = Instant::now();
         if p.has('z') {
             if p.has('P') {
@@ -584,12 +593,40 @@ impl Session {
                 }
                 None => vec![pattern; n],
             };
-            self.image()
-                .write(off, &buf)
+            if p.has('c') {
+                self.write_compressed(off, &buf).await?;
+            } else {
+                self.image()
+                    .write(off, &buf)
+                    .await
+                    .map_err(|e| format!("write failed: {e}"))?;
+            }
+        }
+        self.report("wrote", total, off, p.has('q'), start);
+        Ok(())
+    }
+
+    /// `write -c`: whole clusters from a cluster boundary (the image's last one may be
+    /// partial), each compressed, with qemu-io's errno texts for what it refuses.
+    async fn write_compressed(&mut self, off: u64, buf: &[u8]) -> Result<(), String> {
+        let img = self.image();
+        let errno = |code: i32| {
+            let e = Error::from_io(std::io::Error::from_raw_os_error(code));
+            format!("write failed: {e}")
+        };
+        let cs = match img.cluster_size() {
+            Some(cs) if img.format().entry().compressed_writes() => cs,
+            _ => return Err(errno(libc::ENOTSUP)),
+        };
+        let end = off + buf.len() as u64;
+        if off % cs != 0 || (buf.len() as u64 % cs != 0 && end != img.size()) {
+            return Err(errno(libc::EINVAL));
+        }
+        for (i, cluster) in buf.chunks(cs as usize).enumerate() {
+            img.write_compressed(off + i as u64 * cs, cluster)
                 .await
                 .map_err(|e| failed(if vectored { "writev" } else { "write" }, &e))?;
         }
-        self.report("wrote", total, off, p.has('q'), start);
         Ok(())
     }
 
