@@ -599,7 +599,7 @@ impl Session {
                 self.image()
                     .write(off, &buf)
                     .await
-                    .map_err(|e| format!("write failed: {e}"))?;
+                    .map_err(|e| failed(if vectored { "writev" } else { "write" }, &e))?;
             }
         }
         self.report("wrote", total, off, p.has('q'), start);
@@ -625,7 +625,7 @@ impl Session {
         for (i, cluster) in buf.chunks(cs as usize).enumerate() {
             img.write_compressed(off + i as u64 * cs, cluster)
                 .await
-                .map_err(|e| failed(if vectored { "writev" } else { "write" }, &e))?;
+                .map_err(|e| failed("write", &e))?;
         }
         Ok(())
     }
