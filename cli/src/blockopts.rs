@@ -111,7 +111,16 @@ impl Node {
         }
     }
 
-    fn driver(&self) -> Option<&str> {
+    /// The driver of its `file` child (`file` when the child names none).
+    pub fn file_driver(&self) -> String {
+        match self.0.get("file") {
+            Some(Val::Node(f)) => f.driver().unwrap_or("file").to_string(),
+            _ => "file".to_string(),
+        }
+    }
+
+    /// The node's `driver`, when it names one.
+    pub fn driver(&self) -> Option<&str> {
         match self.0.get("driver") {
             Some(Val::Str(s)) => Some(s),
             _ => None,
@@ -427,6 +436,69 @@ pub fn display_name(arg: &str, image_opts: bool) -> String {
         .unwrap_or_else(|| arg.to_string())
 }
 
+/// QEMU's checks of `reopen -o` options `extra` against the node's current options
+/// `current` (what it was opened with) and its drivers (`drivers`: the image's format,
+/// its file's driver, its backing file's format): node names and drivers cannot change,
+/// and flags must be on or off.
+pub fn check_reopen(
+    current: &Node,
+    extra: &Node,
+    drivers: [Option<&str>; 3],
+) -> Result<(), String> {
+    let child = |n: &Node, key: &str| match n.0.get(key) {
+        Some(Val::Node(c)) => Some(c.clone()),
+        _ => None,
+    };
+    let levels = [
+        (Some(current.clone()), Some(extra.clone()), drivers[0]),
+        (child(current, "file"), child(extra, "file"), drivers[1]),
+        (
+            child(current, "backing"),
+            child(extra, "backing"),
+            drivers[2],
+        ),
+    ];
+    for (cur, new, driver) in levels {
+        let Some(new) = new else { continue };
+        let get = |n: &Option<Node>, key: &str| match n.as_ref().and_then(|n| n.0.get(key)) {
+            Some(Val::Str(v)) => Some(v.clone()),
+            _ => None,
+        };
+        if let Some(Val::Str(name)) = new.0.get("node-name") {
+            if get(&cur, "node-name").as_deref() != Some(name) {
+                return Err("Cannot change the option 'node-name'".into());
+            }
+        }
+        if let Some(d) = new.driver() {
+            if Some(d) != driver {
+                return Err("Cannot change the option 'driver'".into());
+            }
+        }
+    }
+    let flag = |key: &str| match extra.0.get(key) {
+        Some(Val::Str(v)) if !matches!(v.as_str(), "on" | "off" | "true" | "false") => {
+            Err(format!("Parameter '{key}' expects 'on' or 'off'"))
+        }
+        _ => Ok(()),
+    };
+    flag("read-only")?;
+    if let Some(Val::Node(cache)) = extra.0.get("cache") {
+        for key in ["no-flush", "direct"] {
+            if let Some(Val::Str(v)) = cache.0.get(key) {
+                if !matches!(v.as_str(), "on" | "off" | "true" | "false") {
+                    return Err(format!("Parameter 'cache.{key}' expects 'on' or 'off'"));
+                }
+            }
+        }
+    }
+    flag("auto-read-only")
+}
+
+/// Whether the options of a special file name name the image's format (else it is probed).
+pub fn names_format(name: &str) -> bool {
+    with_name(Node::default(), Some(name)).is_ok_and(|n| n.driver().is_some())
+}
+
 /// Opens an image from a special file name (see [`is_special`]) with `format` and `opts`.
 pub async fn open_name(
     name: &str,
@@ -523,6 +595,22 @@ pub fn open(mut node: Node, opts: OpenOptions) -> BoxFuture<'static, Result<Imag
             }
             _ => return Err(invalid("A block device must be specified for \"file\"")),
         };
+        // raw's window on its file (`offset`, `size`).
+        let mut window = None;
+        if format == Some(Format::RAW) {
+            let num = |v: Option<String>, key: &str| {
+                v.map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| invalid(format!("Parameter '{key}' expects a size")))
+                })
+                .transpose()
+            };
+            let offset = num(node.take_str("offset")?, "offset")?;
+            let size = num(node.take_str("size")?, "size")?;
+            if offset.is_some() || size.is_some() {
+                window = Some((offset.unwrap_or(0), size));
+            }
+        }
         let mut named_backing = None;
         match node.take("backing") {
             None => {}
@@ -563,7 +651,10 @@ pub fn open(mut node: Node, opts: OpenOptions) -> BoxFuture<'static, Result<Imag
         }
         let name = format.map_or("raw", |f| f.name());
         refuse_unknown(&node, "format", name)?;
-        let storage = open_storage(child, &opts).await?;
+        let mut storage = open_storage(child, &opts).await?;
+        if let Some((offset, size)) = window {
+            storage = Arc::new(Window::new(storage, offset, size)?);
+        }
         let with_format = |open: ImageOpen| match format {
             Some(f) => open.format(f),
             None => open,
@@ -623,27 +714,33 @@ fn open_storage(
                 };
                 node.take("cache");
                 refuse_unknown(&node, "protocol", &driver)?;
+                // The driver's file type first, as QEMU checks it (a directory opened for
+                // writing fails in open(2) before that).
+                if let Ok(meta) = std::fs::metadata(&filename) {
+                    use std::os::unix::fs::FileTypeExt;
+                    let t = meta.file_type();
+                    if !(writable && t.is_dir()) {
+                        if driver == "file" && !t.is_file() {
+                            return Err(invalid(format!(
+                                "'file' driver requires '{filename}' to be a regular file"
+                            )));
+                        }
+                        if driver != "file" && !(t.is_block_device() || t.is_char_device()) {
+                            return Err(invalid(format!(
+                                "'{driver}' driver requires '{filename}' to be either a \
+                                 character or block device"
+                            )));
+                        }
+                    }
+                }
                 let storage = FileStorageOpen::new(&filename)
+                    .char_device(driver != "file")
                     .writable(writable)
                     .direct(opts.is_direct())
                     .no_sync(opts.is_no_sync())
                     .locking(locking)
                     .open()
                     .await?;
-                let meta = std::fs::metadata(&filename).map_err(Error::from)?;
-                use std::os::unix::fs::FileTypeExt;
-                let t = meta.file_type();
-                if driver == "file" && !t.is_file() {
-                    return Err(invalid(format!(
-                        "'file' driver requires '{filename}' to be a regular file"
-                    )));
-                }
-                if driver != "file" && !(t.is_block_device() || t.is_char_device()) {
-                    return Err(invalid(format!(
-                        "'{driver}' driver requires '{filename}' to be either a character or \
-                         block device"
-                    )));
-                }
                 Ok(Arc::new(storage) as Arc<dyn Storage>)
             }
             "null-co" | "null-aio" => {
@@ -715,6 +812,131 @@ fn open_storage(
             }
         }
     })
+}
+
+/// A part of a file (raw's `offset` and `size` options).
+#[derive(Debug)]
+struct Window {
+    inner: Arc<dyn Storage>,
+    offset: u64,
+    size: u64,
+}
+
+impl Window {
+    fn new(inner: Arc<dyn Storage>, offset: u64, size: Option<u64>) -> Result<Self, Error> {
+        let file = inner.size()?;
+        let size = match size {
+            Some(size) if offset.checked_add(size).is_none_or(|end| end > file) => {
+                return Err(invalid(format!(
+                    // QEMU's words, with their two spaces.
+                    "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to \
+                     the  actual size of the containing file ({file})"
+                )));
+            }
+            Some(size) if size % 512 != 0 => {
+                return Err(invalid("Specified size is not multiple of 512"))
+            }
+            Some(size) => size,
+            None if offset > file => {
+                return Err(invalid(format!(
+                    "Offset ({offset}) cannot be greater than size of the containing file \
+                     ({file})"
+                )))
+            }
+            None => file - offset,
+        };
+        Ok(Window {
+            inner,
+            offset,
+            size,
+        })
+    }
+}
+
+impl Storage for Window {
+    fn size(&self) -> vmimg::Result<u64> {
+        Ok(self.size)
+    }
+
+    fn mem_align(&self) -> usize {
+        self.inner.mem_align()
+    }
+
+    fn request_align(&self) -> usize {
+        self.inner.request_align()
+    }
+
+    fn is_writable(&self) -> bool {
+        self.inner.is_writable()
+    }
+
+    fn path(&self) -> Option<&std::path::Path> {
+        self.inner.path()
+    }
+
+    fn readv<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a mut [IoSliceMut<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        self.inner.readv(self.offset + offset, bufs)
+    }
+
+    fn writev<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a [IoSlice<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        self.inner.writev(self.offset + offset, bufs)
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.inner
+            .write_zeroes(self.offset + offset, len, may_unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.discard(self.offset + offset, len)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.flush()
+    }
+
+    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.inner.sync()
+    }
+
+    fn resize(&self, _: u64, _: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
+        Box::pin(async {
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "Cannot resize a raw image with an offset or a size",
+            ))
+        })
+    }
+
+    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
+        let max_len = max_len.min(self.size.saturating_sub(offset)).max(1);
+        self.inner.extent(self.offset + offset, max_len)
+    }
+
+    fn set_permissions(
+        &self,
+        perm: vmimg::Permissions,
+        shared: vmimg::Permissions,
+    ) -> vmimg::Result<()> {
+        self.inner.set_permissions(perm, shared)
+    }
+
+    fn debug_event(&self, event: &'static str) {
+        self.inner.debug_event(event)
+    }
 }
 
 /// An image's guest bytes as a storage (a format node under blkdebug or a filter).

@@ -309,7 +309,7 @@ impl Session {
     async fn reopen(&mut self, words: &[&str]) -> Result<(), String> {
         let usage = "reopen [-d] [-r|-w] [-c cache] [-o options] -- reopens an image with new \
                      options";
-        let p = parse_words(words, "t", "rw").map_err(|e| {
+        let p = parse_words(words, "cto", "rw").map_err(|e| {
             eprintln!("reopen: {e}");
             usage.to_string()
         })?;
@@ -317,11 +317,52 @@ impl Session {
             eprintln!("{}: Only one -r/-w option may be given", crate::prog());
             return Err(String::new());
         }
-        let (file, node) = (self.file.clone(), self.node.clone());
+        let (file, mut node) = (self.file.clone(), self.node.clone());
         if file.is_none() && node.is_none() {
             return Err("reopen: the image was not opened from a file".into());
         }
         let image = self.image();
+        if let Some(list) = p.value('o') {
+            // New options over those the image was opened with; its driver stays.
+            let fail = |e: vmimg::Error| {
+                eprintln!("{}: {e}", crate::prog());
+                String::new()
+            };
+            let extra = crate::blockopts::Node::parse_keyval(list).map_err(fail)?;
+            let refuse = |msg: &str| {
+                eprintln!("{}: {msg}", crate::prog());
+                Err(String::new())
+            };
+            if (p.has('r') || p.has('w')) && list.split(',').any(|o| o.starts_with("read-only=")) {
+                return refuse("Cannot set both -r/-w and 'read-only'");
+            }
+            if (p.has('c') || p.has('t')) && list.split(',').any(|o| o.starts_with("cache.")) {
+                return refuse("Cannot set both -c and the cache options");
+            }
+            let mut base = match node.take() {
+                Some(n) => n,
+                None => crate::blockopts::with_name(Default::default(), file.as_deref())
+                    .map_err(fail)?,
+            };
+            let file_driver = base.file_driver();
+            let backing = image.backing().map(|b| b.format().name());
+            if let Err(msg) = crate::blockopts::check_reopen(
+                &base,
+                &extra,
+                [Some(image.format().name()), Some(&file_driver), backing],
+            ) {
+                return refuse(&msg);
+            }
+            if base.driver().is_none() {
+                base.insert(
+                    "driver",
+                    crate::blockopts::Val::Str(image.format().name().into()),
+                )
+                .map_err(fail)?;
+            }
+            base.merge(extra);
+            node = Some(base);
+        }
         let writable = if p.has('r') {
             false
         } else {
@@ -329,7 +370,7 @@ impl Session {
         };
         let format = image.format().name();
         let mut opts = self.opts.clone().writable(writable);
-        if let Some(mode) = p.value('t') {
+        if let Some(mode) = p.value('c').or(p.value('t')) {
             opts = crate::cache_mode(opts, mode).map_err(|e| e.to_string())?;
         }
         self.close().await?;
@@ -351,6 +392,8 @@ impl Session {
             }
         };
         self.image = Some(image);
+        self.file = file;
+        self.node = node;
         Ok(())
     }
 

@@ -196,7 +196,9 @@ pub async fn open_named_image(
         }
         open.open().await?
     };
-    if format.is_none() && image.format() == Format::RAW && image.is_writable() {
+    let probed =
+        format.is_none() && !(blockopts::is_special(path) && blockopts::names_format(path));
+    if probed && image.format() == Format::RAW && image.is_writable() {
         warn_probed_raw(path);
     }
     signals::track(&image);

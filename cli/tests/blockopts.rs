@@ -322,3 +322,70 @@ fn commit_base_names_resolve_as_qemu_img_resolves_them() {
         assert_eq!((st, out.as_str()), (0, "Image committed."), "{tool}");
     }
 }
+
+/// raw's `offset` and `size` options, qemu-io's `reopen -o` (and what it refuses), and the
+/// protocol drivers' file-type checks, each as QEMU's tools do them.
+#[test]
+fn raw_windows_reopen_options_and_file_types() {
+    let dir = setup();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "raw", "r.raw", "4096"]).ok();
+    qemu_io_in(d, ["-f", "raw", "-c", "write -P 0x0a 512 1024", "r.raw"]).ok();
+    let win = "json:{'driver': 'raw', 'offset': '512', 'size': '1024', \
+               'file': {'driver': 'file', 'filename': 'r.raw'}}";
+    for cmd in [
+        "read -P 0x0a 0 1024",
+        "write 1023 1",
+        "write 1023 2",
+        "read 1024 1",
+    ] {
+        same(d, "qemu-io", &["-c", cmd, win]);
+    }
+    let bad = "json:{'driver': 'raw', 'offset': '4000', 'size': '1024', \
+               'file': {'driver': 'file', 'filename': 'r.raw'}}";
+    same(d, "qemu-io", &["-c", "read 0 1", bad]);
+    same(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "reopen -o driver=raw,offset=1536,size=1024",
+            "-c",
+            "read -v 0 4",
+            "r.raw",
+        ],
+    );
+    for reopen in [
+        "reopen -o node-name=foo",
+        "reopen -o file.driver=qcow2",
+        "reopen -o driver=raw",
+        "reopen -o driver=qcow2",
+        "reopen -r -o read-only=on",
+        "reopen -c none -o cache.direct=on",
+        "reopen -o read-only=foo",
+        "reopen -o cache.direct=baz",
+    ] {
+        same(d, "qemu-io", &["-c", reopen, "a.qcow2"]);
+    }
+    same(
+        d,
+        "qemu-io",
+        &[
+            "-c",
+            "open -o node-name=foo a.qcow2",
+            "-c",
+            "reopen -o node-name=foo",
+        ],
+    );
+    std::fs::create_dir(d.join("dir")).unwrap();
+    for proto in ["file", "host_device"] {
+        for target in ["dir", "/dev/null,locking=off"] {
+            for ro in ["-r ", ""] {
+                let cmd = format!("open {ro}-o driver={proto},filename={target}");
+                same(d, "qemu-io", &["-c", &cmd]);
+            }
+        }
+    }
+}

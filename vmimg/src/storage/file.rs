@@ -99,6 +99,7 @@ pub struct FileStorageOpen {
     locking: LockMode,
     /// What [`FileStorageOpen::create`] locks before truncating.
     create_permissions: (Permissions, Permissions),
+    char_device: bool,
 }
 
 impl FileStorageOpen {
@@ -116,7 +117,16 @@ impl FileStorageOpen {
                 Permissions::WRITE | Permissions::RESIZE,
                 Permissions::ALL.without(Permissions::RESIZE),
             ),
+            char_device: false,
         }
+    }
+
+    /// Also open a character device (QEMU's `host_device` driver opens them). Only for a
+    /// device the user names: files named inside images never open as character devices,
+    /// which may never end.
+    pub fn char_device(mut self, allow: bool) -> Self {
+        self.char_device = allow;
+        self
     }
 
     /// Whether the file is locked QEMU's way when a user states its permissions
@@ -192,7 +202,7 @@ impl FileStorageOpen {
         if let Ok(meta) = std::fs::metadata(&self.path) {
             use std::os::unix::fs::FileTypeExt;
             let t = meta.file_type();
-            if t.is_fifo() || t.is_socket() || t.is_char_device() {
+            if t.is_fifo() || t.is_socket() || (t.is_char_device() && !self.char_device) {
                 return Err(Error::new(
                     ErrorKind::InvalidArgument,
                     "not a regular file or block device",
