@@ -574,6 +574,25 @@ pub fn open(mut node: Node, opts: OpenOptions) -> BoxFuture<'static, Result<Imag
                 };
                 return open(child, opts).await;
             }
+            Some("compress") => {
+                // QEMU's compress filter: every write reaches the image compressed.
+                let Some(Val::Node(child)) = node.take("file") else {
+                    return Err(invalid("A block device must be specified for \"file\""));
+                };
+                refuse_unknown(&node, "format", "compress")?;
+                let image = open(child, opts.clone()).await?;
+                if image.cluster_size().is_none() || !image.format().entry().compressed_writes() {
+                    return Err(invalid(
+                        "Compression is not supported for underlying format",
+                    ));
+                }
+                let storage: Arc<dyn Storage> = Arc::new(Compress(ImageStorage(image)));
+                return ImageOpen::storage(storage)
+                    .format(Format::RAW)
+                    .options(opts)
+                    .open()
+                    .await;
+            }
             Some(d) if is_protocol(d) => {
                 node.insert("driver", Val::Str(d.into()))?;
                 let storage = open_storage(node, &opts).await?;
@@ -936,6 +955,96 @@ impl Storage for Window {
 
     fn debug_event(&self, event: &'static str) {
         self.inner.debug_event(event)
+    }
+}
+
+/// An image whose writes are all compressed (QEMU's `compress` filter): each cluster a
+/// write touches is written whole, what the write does not cover read from the image.
+#[derive(Debug)]
+struct Compress(ImageStorage);
+
+impl Compress {
+    async fn write(&self, offset: u64, data: &[u8]) -> vmimg::Result<()> {
+        let img = &self.0 .0;
+        let cs = img.cluster_size().unwrap_or(65536);
+        let size = img.size();
+        let end = offset + data.len() as u64;
+        let mut c = offset / cs * cs;
+        while c < end {
+            let len = cs.min(size - c);
+            let mut cluster = vec![0u8; len as usize];
+            let (from, to) = (offset.max(c), end.min(c + len));
+            if from > c || to < c + len {
+                img.read(c, &mut cluster).await?;
+            }
+            cluster[(from - c) as usize..(to - c) as usize]
+                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            img.write_compressed(c, &cluster).await?;
+            c += len;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for Compress {
+    fn size(&self) -> vmimg::Result<u64> {
+        self.0.size()
+    }
+
+    fn mem_align(&self) -> usize {
+        1
+    }
+
+    fn request_align(&self) -> usize {
+        1
+    }
+
+    fn is_writable(&self) -> bool {
+        self.0.is_writable()
+    }
+
+    fn readv<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a mut [IoSliceMut<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        self.0.readv(offset, bufs)
+    }
+
+    fn writev<'a>(
+        &'a self,
+        offset: u64,
+        bufs: &'a [IoSlice<'_>],
+    ) -> BoxFuture<'a, vmimg::Result<()>> {
+        let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        Box::pin(async move { self.write(offset, &data).await })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _: bool) -> BoxFuture<'_, vmimg::Result<()>> {
+        Box::pin(async move {
+            let len = usize::try_from(len).map_err(|_| invalid("zero write too large"))?;
+            self.write(offset, &vec![0u8; len]).await
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.0.discard(offset, len)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.0.flush()
+    }
+
+    fn sync(&self) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.0.sync()
+    }
+
+    fn resize(&self, new_size: u64, prealloc: PreallocMode) -> BoxFuture<'_, vmimg::Result<()>> {
+        self.0.resize(new_size, prealloc)
+    }
+
+    fn extent(&self, offset: u64, max_len: u64) -> BoxFuture<'_, vmimg::Result<(HostExtent, u64)>> {
+        self.0.extent(offset, max_len)
     }
 }
 
