@@ -36,6 +36,9 @@ pub struct IoArgs {
     /// Snapshot mode: writes go to a temporary overlay, the image is left as it was.
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
+    /// Copy-on-read: what reads take from the backing chain is written into the image.
+    #[arg(short = 'C', long = "copy-on-read")]
+    copy_on_read: bool,
     /// The file name is a list of block-node options (`driver=qcow2,file.filename=F`).
     #[arg(long = "image-opts")]
     image_opts: bool,
@@ -187,6 +190,9 @@ struct Session {
     file: Option<String>,
     /// The block-node options it was opened with (`open -o`, `--image-opts`), for `reopen`.
     node: Option<crate::blockopts::Node>,
+    /// Copy-on-read (`open -C`, the `copy-on-read` driver): what a read takes from the
+    /// backing chain is written into the image.
+    cor: bool,
 }
 
 /// Commands that run without an open image.
@@ -289,6 +295,15 @@ impl Session {
         if let Some(mode) = p.value('t') {
             opts = crate::cache_mode(opts, mode).map_err(|e| e.to_string())?;
         }
+        let cor = p.has('C') || node.as_ref().is_some_and(is_cor);
+        if p.has('C') && !opts.is_writable() {
+            let e = vmimg::Error::new(
+                vmimg::ErrorKind::ReadOnly,
+                "Can't use copy-on-read on read-only device",
+            );
+            cant_open(file.as_deref(), &e);
+            return Err(String::new());
+        }
         let opened = match (&node, &file) {
             (Some(node), _) => crate::blockopts::open(node.clone(), opts).await,
             (None, Some(file)) => open_image_with(file, self.format.as_deref(), opts).await,
@@ -298,9 +313,56 @@ impl Session {
             cant_open(file.as_deref(), &e);
             String::new()
         })?;
+        if cor && !image.is_writable() {
+            cant_open(
+                file.as_deref(),
+                &vmimg::Error::new(vmimg::ErrorKind::ReadOnly, "Block node is read-only"),
+            );
+            return Err(String::new());
+        }
         self.image = Some(image);
         self.file = file;
         self.node = node;
+        self.cor = cor;
+        Ok(())
+    }
+
+    /// Copy-on-read after a read of `[off, off + len)`: the clusters around it that the
+    /// image does not allocate itself are written into it with what they read (zeros as
+    /// zero writes), as QEMU's copy-on-read does.
+    async fn copy_on_read(&self, off: u64, len: u64) -> Result<(), String> {
+        let img = self.image();
+        // QEMU copies whole subclusters (1/32 of a cluster with extended L2 entries).
+        let extended = img
+            .describe()
+            .format_specific
+            .is_some_and(|f| f.human(0).contains("extended l2: true"));
+        let cs = img.cluster_size().unwrap_or(512).max(512) / if extended { 32 } else { 1 };
+        let (start, end) = (
+            off / cs * cs,
+            (off + len).div_ceil(cs).saturating_mul(cs).min(img.size()),
+        );
+        let mut pos = start;
+        while pos < end {
+            let st = img
+                .block_status(pos, end - pos)
+                .await
+                .map_err(|e| failed("read", &e))?;
+            let n = st.len;
+            if st.depth != 0 || !st.present() {
+                let mut buf = vec![0u8; n as usize];
+                img.read(pos, &mut buf)
+                    .await
+                    .map_err(|e| failed("read", &e))?;
+                let r = if vmimg::io_buf::is_zero(&buf) {
+                    img.write_zeroes(pos, n, false).await
+                } else {
+                    img.write(pos, &buf).await
+                };
+                r.map_err(|e| failed("read", &e))?;
+            }
+            pos += n;
+        }
         Ok(())
     }
 
@@ -559,6 +621,9 @@ impl Session {
             .read(off, &mut buf)
             .await
             .map_err(|e| failed(if vectored { "readv" } else { "read" }, &e))?;
+        if self.cor && total > 0 {
+            self.copy_on_read(off, total).await?;
+        }
         let mut ok = true;
         if let Some(pat) = pattern {
             let range = check_from as usize..(check_from + check_len) as usize;
@@ -816,6 +881,19 @@ pub async fn run(args: IoArgs) -> CmdResult {
         }
         opened => opened.transpose()?,
     };
+    let cor = args.copy_on_read || node.as_ref().is_some_and(is_cor);
+    if let (true, Some(image)) = (cor, &image) {
+        if !image.is_writable() {
+            let why = if args.copy_on_read {
+                "Can't use copy-on-read on read-only device"
+            } else {
+                "Block node is read-only"
+            };
+            let e = vmimg::Error::new(vmimg::ErrorKind::ReadOnly, why);
+            cant_open(args.filename.as_deref().filter(|_| node.is_none()), &e);
+            return Ok(1);
+        }
+    }
     let mut session = Session {
         image,
         out: std::io::stdout(),
@@ -826,6 +904,7 @@ pub async fn run(args: IoArgs) -> CmdResult {
             .filename
             .clone()
             .filter(|_| !args.snapshot && node.is_none()),
+        cor,
         node,
     };
     let mut failed = false;
@@ -866,6 +945,11 @@ fn failed(verb: &str, e: &vmimg::Error) -> String {
     let text = std::io::Error::from_raw_os_error(errno).to_string();
     let text = text.split(" (os error").next().unwrap_or_default();
     format!("{verb} failed: {text}")
+}
+
+/// Whether block-node options put QEMU's copy-on-read filter on top.
+fn is_cor(node: &crate::blockopts::Node) -> bool {
+    node.driver() == Some("copy-on-read")
 }
 
 /// qemu-io's report of an image that did not open: "can't open device FILE: " and the

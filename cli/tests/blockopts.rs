@@ -434,3 +434,68 @@ fn the_compress_filter_writes_compressed_clusters() {
     assert_eq!(outs[0], outs[1], "vmimg, then QEMU");
     assert!(outs[0].2.contains("compressed clusters"), "{:?}", outs[0]);
 }
+
+/// Copy-on-read (`open -C`, qemu-io's `-C`): what reads take from the backing file lands in
+/// the overlay at QEMU's granularity (subclusters with extended L2), the same map as
+/// QEMU's; refused on read-only images with qemu-io's words.
+#[test]
+fn copy_on_read_allocates_what_reads_take_from_the_backing_file() {
+    let dir = tempdir();
+    let d = dir.path();
+    ours(d);
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]).ok();
+    qemu_io_in(d, ["-c", "write -P 0x33 64k 1M", "base.qcow2"]).ok();
+    let mut maps = Vec::new();
+    for (f, tool) in [
+        ("v.qcow2", d.join("bin/qemu-io")),
+        ("q.qcow2", qemu_tool("qemu-io")),
+    ] {
+        for (name, extl2) in [(format!("a-{f}"), "off"), (format!("b-{f}"), "on")] {
+            qemu_img_in(
+                d,
+                [
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "base.qcow2",
+                    "-F",
+                    "qcow2",
+                    "-o",
+                    &format!("extended_l2={extl2}"),
+                    &name,
+                ],
+            )
+            .ok();
+            let open = format!("open -C {name}");
+            let (st, out) = run(
+                &tool,
+                &[
+                    "-c",
+                    &open,
+                    "-c",
+                    "read -P 0x33 100k 3k",
+                    "-c",
+                    "read 2M 1k",
+                ],
+                d,
+            );
+            assert_eq!(st, 0, "{out}");
+            let map = run(&qemu_tool("qemu-img"), &["map", "--output=json", &name], d).1;
+            maps.push(map.replace(&name, "F"));
+        }
+        let (_, out) = run(
+            &tool,
+            &["-r", "-C", "-c", "read 0 1k", &format!("a-{f}")],
+            d,
+        );
+        maps.push(out.replace(f, "F"));
+    }
+    assert_eq!(maps[..3], maps[3..], "vmimg, then QEMU");
+    assert!(
+        maps[2].contains("Can't use copy-on-read on read-only device"),
+        "{}",
+        maps[2]
+    );
+}

@@ -192,9 +192,10 @@ impl FormatOptions {
                          means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
                     )
                 })?),
+                // QEMU's spellings of a boolean.
                 OptionKind::Bool => OptionValue::Bool(match v.as_str() {
-                    "on" => true,
-                    "off" => false,
+                    "on" | "yes" | "y" | "true" => true,
+                    "off" | "no" | "n" | "false" => false,
                     _ => return Err(bad("'on' or 'off'")),
                 }),
                 OptionKind::Number => OptionValue::Number(v.parse().map_err(|_| bad("a number"))?),
