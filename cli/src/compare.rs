@@ -128,23 +128,39 @@ pub async fn run(args: CompareArgs) -> CmdResult {
     let opts = OpenOptions::new().force_share(args.force_share);
     let a = open_image_with(&args.a, args.format_a.as_deref(), opts.clone()).await?;
     let b = open_image_with(&args.b, args.format_b.as_deref(), opts).await?;
-    match compare(&args, &a, &b).await {
-        Ok(status) => Ok(status),
+    // The report goes out at the end, after any error: qemu-img's standard output is
+    // buffered when it is not a terminal, so its errors come first where both are read.
+    let mut report = Vec::new();
+    let result = compare(&args, &a, &b, &mut report).await;
+    let print = |report: Vec<String>| {
+        if !args.quiet {
+            for line in report {
+                println!("{line}");
+            }
+        }
+    };
+    match result {
+        Ok(status) => {
+            print(report);
+            Ok(status)
+        }
         Err(Stop::Read(msg)) => {
             eprintln!("{}: {msg}", crate::prog());
+            print(report);
             Ok(4)
         }
         Err(Stop::Other(e)) => Err(e),
     }
 }
 
-async fn compare(args: &CompareArgs, a: &Image, b: &Image) -> Result<u8, Stop> {
+async fn compare(
+    args: &CompareArgs,
+    a: &Image,
+    b: &Image,
+    report: &mut Vec<String>,
+) -> Result<u8, Stop> {
     let (a, b) = ((a, args.a.as_str()), (b, args.b.as_str()));
-    let say = |msg: String| {
-        if !args.quiet {
-            println!("{msg}");
-        }
-    };
+    let mut say = |msg: String| report.push(msg);
     let (sa, sb) = (a.0.size(), b.0.size());
     if sa != sb && args.strict {
         say("Strict mode: Image size mismatch!".into());

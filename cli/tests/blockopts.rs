@@ -499,3 +499,32 @@ fn copy_on_read_allocates_what_reads_take_from_the_backing_file() {
         maps[2]
     );
 }
+
+/// compare's report comes after its errors when both go to one pipe, as qemu-img's
+/// buffered standard output puts it (iotest 074).
+#[test]
+fn compare_reports_after_its_errors_on_one_pipe() {
+    let dir = setup();
+    let d = dir.path();
+    qemu_img_in(d, ["create", "-q", "-f", "qcow2", "empty.qcow2", "0"]).ok();
+    std::fs::write(d.join("all.conf"), "[inject-error]\nevent = \"read_aio\"\n").unwrap();
+    let both = |tool: &Path| {
+        let cmd = format!(
+            "'{}' compare blkdebug:all.conf:a.qcow2 empty.qcow2 2>&1; echo status $?",
+            tool.display()
+        );
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mine = both(&d.join("bin/qemu-img"));
+    assert_eq!(mine, both(&qemu_tool("qemu-img")));
+    assert!(
+        mine.ends_with("Warning: Image size mismatch!\nstatus 4\n"),
+        "{mine}"
+    );
+}
