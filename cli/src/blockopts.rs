@@ -41,7 +41,7 @@ fn invalid(msg: impl Into<String>) -> Error {
 }
 
 /// Protocol drivers: a node that holds bytes itself rather than a format over a child.
-fn is_protocol(driver: &str) -> bool {
+pub fn is_protocol(driver: &str) -> bool {
     matches!(
         driver,
         "file" | "host_device" | "host_cdrom" | "null-co" | "null-aio" | "blkdebug"

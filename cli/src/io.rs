@@ -240,9 +240,26 @@ impl Session {
         } else {
             0
         };
+        // A protocol driver on top (null-co, blkdebug, file) is named as such, as QEMU does.
+        let top = match (&self.node, &self.file) {
+            (Some(node), _) => node.driver().map(str::to_string),
+            (None, Some(f)) if crate::blockopts::is_special(f) => {
+                crate::blockopts::with_name(Default::default(), Some(f))
+                    .ok()
+                    .and_then(|n| n.driver().map(str::to_string))
+                    .or_else(|| self.format.clone())
+            }
+            _ => None,
+        };
+        let name = top
+            .filter(|d| crate::blockopts::is_protocol(d))
+            .unwrap_or_else(|| image.format().name().to_string());
+        if matches!(name.as_str(), "null-co" | "null-aio") {
+            return format!("format name: {name}\n(no driver information)");
+        }
         let mut s = format!(
             "format name: {}\ncluster size: {}\nvm state offset: {}\n",
-            image.format().name(),
+            name,
             io_size(cluster as f64),
             io_size(vm_state as f64)
         );
@@ -430,7 +447,12 @@ impl Session {
         } else {
             p.has('w') || image.is_writable()
         };
-        let format = image.format().name();
+        // A json: or protocol name gives its drivers itself (or with -f); a plain file
+        // reopens in the format it has.
+        let format = match &file {
+            Some(f) if crate::blockopts::is_special(f) => self.format.clone(),
+            _ => Some(image.format().name().to_string()),
+        };
         let mut opts = self.opts.clone().writable(writable);
         if let Some(mode) = p.value('c').or(p.value('t')) {
             opts = crate::cache_mode(opts, mode).map_err(|e| e.to_string())?;
@@ -442,7 +464,7 @@ impl Session {
         let image = loop {
             let opened = match (&node, &file) {
                 (Some(node), _) => crate::blockopts::open(node.clone(), opts.clone()).await,
-                (None, Some(file)) => open_image_with(file, Some(format), opts.clone()).await,
+                (None, Some(file)) => open_image_with(file, format.as_deref(), opts.clone()).await,
                 (None, None) => unreachable!("checked above"),
             };
             match opened {
@@ -521,6 +543,13 @@ impl Session {
             "truncate" | "t" => self.truncate(rest).await,
             "info" | "i" => {
                 let s = self.info();
+                if let Some(name) = s.strip_suffix("\n(no driver information)") {
+                    // As qemu-io for a driver without information (null-co): the name
+                    // twice, and the command fails.
+                    self.say(name);
+                    self.say(name);
+                    return false;
+                }
                 self.say(s.trim_end());
                 Ok(())
             }

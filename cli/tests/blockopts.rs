@@ -379,6 +379,15 @@ fn raw_windows_reopen_options_and_file_types() {
             "reopen -o node-name=foo",
         ],
     );
+    // A protocol on top reopens as itself and is named so by info.
+    let null = "json:{'driver': 'null-co', 'size': 65536}";
+    same(
+        d,
+        "qemu-io",
+        &["-f", "null-co", "-c", "reopen", "-c", "info", null],
+    );
+    let zeros = "json:{'driver': 'null-co', 'size': 65536, 'read-zeroes': true}";
+    same(d, "qemu-io", &["-c", "read -P 0 0 64k", zeros]);
     std::fs::create_dir(d.join("dir")).unwrap();
     for proto in ["file", "host_device"] {
         for target in ["dir", "/dev/null,locking=off"] {
