@@ -537,3 +537,27 @@ fn compare_reports_after_its_errors_on_one_pipe() {
         "{mine}"
     );
 }
+
+/// qemu-io's `alloc` counts bytes at any offset, and cuts a count that runs past the end.
+#[test]
+fn alloc_takes_byte_offsets_and_cuts_at_the_end() {
+    let dir = setup();
+    let d = dir.path();
+    qemu_img_in(
+        d,
+        [
+            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "t.qcow2",
+        ],
+    )
+    .ok();
+    qemu_io_in(d, ["-c", "write 4k 8k", "t.qcow2"]).ok();
+    for cmd in [
+        "alloc 1 1",
+        "alloc 4095 1000",
+        "alloc 0x2ff0 100",
+        "alloc 1000k 5P",
+        "alloc 0",
+    ] {
+        same(d, "qemu-io", &["-c", cmd, "t.qcow2"]);
+    }
+}
