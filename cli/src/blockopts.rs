@@ -51,6 +51,9 @@ pub fn is_protocol(driver: &str) -> bool {
 impl Node {
     /// Sets `key` (dotted: `file.filename`), making the nodes on the way.
     pub fn insert(&mut self, key: &str, val: Val) -> Result<(), Error> {
+        if key.matches('.').count() >= MAX_DEPTH {
+            return Err(invalid(format!("Option name '{key}' nests too deep")));
+        }
         match key.split_once('.') {
             None => {
                 match (self.0.get_mut(key), val) {
@@ -161,6 +164,7 @@ impl Node {
         let mut p = Json {
             b: s.as_bytes(),
             at: 0,
+            depth: 0,
         };
         let v = p.value()?;
         p.ws();
@@ -177,7 +181,13 @@ impl Node {
 struct Json<'a> {
     b: &'a [u8],
     at: usize,
+    /// Objects and lists open around the value being read (bounded: names can come from
+    /// images, and nesting must not exhaust the stack).
+    depth: usize,
 }
+
+/// The deepest nesting of objects and lists a `json:` name may have.
+const MAX_DEPTH: usize = 64;
 
 impl Json<'_> {
     fn err(&self, what: &str) -> Error {
@@ -239,6 +249,16 @@ impl Json<'_> {
     }
 
     fn value(&mut self) -> Result<Val, Error> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        let v = self.value_inner();
+        self.depth -= 1;
+        v
+    }
+
+    fn value_inner(&mut self) -> Result<Val, Error> {
         match self.peek().ok_or_else(|| self.err("expected a value"))? {
             b'{' => {
                 self.at += 1;
@@ -1153,6 +1173,13 @@ mod tests {
         for bad in ["{'a': }", "{'a' 1}", "[1]", "{'a': 'b'} x", "{'a': 'b"] {
             assert!(Node::parse_json(bad).is_err(), "{bad}");
         }
+        // Deep nesting is refused, not a stack overflow.
+        let deep = format!("{{'a': {}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        let e = Node::parse_json(&deep).unwrap_err();
+        assert!(e.to_string().contains("nesting too deep"), "{e}");
+        let keys = format!("{{'{}': 1}}", "a.".repeat(1000) + "b");
+        assert!(Node::parse_json(&keys).is_err());
+        assert!(Node::parse_keyval(&("a.".repeat(100_000) + "b=1")).is_err());
         assert!(Node::parse_keyval("driver").is_err());
     }
 
