@@ -220,35 +220,56 @@ pub async fn rebase(args: RebaseArgs) -> CmdResult {
         img.sync().await?;
         return Ok(0);
     }
+    // As qemu-img: what falls through to the backing chain is compared and written in
+    // whole (sub)clusters, the old content where a unit differs (zeros as zeroes when the
+    // old content of the run is all zero).
+    let align = img.subcluster_size().unwrap_or(512);
     let size = img.size();
     let mut off = 0u64;
-    let mut old = vec![0u8; CHUNK as usize];
-    let mut new = vec![0u8; CHUNK as usize];
+    let mut old = vec![0u8; (CHUNK + 2 * align) as usize];
+    let mut new = vec![0u8; old.len()];
     while off < size {
         crate::signals::check()?;
         let st = img.block_status(off, (size - off).min(CHUNK)).await?;
-        let n = st.len as usize;
-        if st.depth > 0 || !st.present() {
-            // Falls through to the old backing chain: keep its content if the new one
-            // differs there.
-            img.read(off, &mut old[..n]).await?;
-            match &new_backing {
-                Some(nb) if off < nb.size() => {
-                    let m = ((nb.size() - off) as usize).min(n);
-                    nb.read(off, &mut new[..m]).await?;
-                    new[m..n].fill(0);
-                }
-                _ => new[..n].fill(0),
-            }
-            if old[..n] != new[..n] {
-                if is_zero(&old[..n]) {
-                    img.write_zeroes(off, n as u64, false).await?;
-                } else {
-                    img.write(off, &old[..n]).await?;
-                }
-            }
+        if st.depth == 0 && st.present() {
+            off += st.len;
+            continue;
         }
-        off += n as u64;
+        // The run the image itself leaves unallocated, whatever layer below answers.
+        let mut run_end = off + st.len;
+        while run_end < size && run_end - off < CHUNK {
+            let next = img.block_status(run_end, CHUNK - (run_end - off)).await?;
+            if next.depth == 0 && next.present() {
+                break;
+            }
+            run_end += next.len;
+        }
+        let start = off / align * align;
+        let end = run_end.div_ceil(align).saturating_mul(align).min(size);
+        let n = (end - start) as usize;
+        img.read(start, &mut old[..n]).await?;
+        read_new_backing(new_backing.as_ref(), start, &mut new[..n]).await?;
+        let old_is_zero = is_zero(&old[..n]);
+        let mut done = 0usize;
+        while done < n {
+            let unit = |i: usize| i..(i + align as usize).min(n);
+            let differs = |i: usize| old[unit(i)] != new[unit(i)];
+            let first = differs(done);
+            let mut run = unit(done).end;
+            while run < n && differs(run) == first {
+                run = unit(run).end;
+            }
+            if first {
+                let at = start + done as u64;
+                if old_is_zero {
+                    img.write_zeroes(at, (run - done) as u64, false).await?;
+                } else {
+                    img.write(at, &old[done..run]).await?;
+                }
+            }
+            done = run;
+        }
+        off = end;
     }
     img.set_backing(new_name, args.backing_format.as_deref())
         .await?;

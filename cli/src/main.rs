@@ -299,6 +299,7 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let (name, mut args) = personality(std::env::args_os().collect());
     let _ = PROG.set(name);
+    vmimg::qcow2::set_corruption_reporter(|notice| eprintln!("{notice}"));
     // qemu-img's --image-opts (every image argument is a list of block-node options), taken
     // out here once for all subcommands; qemu-io's is its own option.
     if name != "qemu-io" && args.len() > 2 && args.iter().skip(2).any(|a| a == "--image-opts") {

@@ -358,6 +358,12 @@ pub trait FormatDriver: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// The unit of allocation within a cluster (a qcow2 subcluster with extended L2
+    /// entries); the cluster size elsewhere.
+    fn subcluster_size(&self) -> Option<u64> {
+        self.cluster_size()
+    }
+
     /// Makes the range read as zeros at this layer (not falling through to `below`).
     /// `may_unmap` allows releasing the space.
     fn write_zeroes<'a>(

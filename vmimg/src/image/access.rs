@@ -414,6 +414,12 @@ impl Image {
         self.top().cluster_size()
     }
 
+    /// The format's unit of allocation within a cluster (its cluster size, or a qcow2
+    /// subcluster), if it has clusters.
+    pub fn subcluster_size(&self) -> Option<u64> {
+        self.top().subcluster_size()
+    }
+
     /// Makes `len` bytes at `offset` read as zeros. With `may_unmap` the space may be
     /// released (qemu-io's `write -z -u`).
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

@@ -247,7 +247,7 @@ fn words(b: &[u8]) -> Vec<u64> {
 }
 
 /// `%#x` as C prints it: `0` for zero, `0x...` otherwise.
-fn c_alt_hex(v: u64) -> String {
+pub(super) fn c_alt_hex(v: u64) -> String {
     if v == 0 {
         "0".to_string()
     } else {

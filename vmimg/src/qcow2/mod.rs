@@ -199,6 +199,20 @@ impl std::fmt::Debug for Qcow2Driver {
     }
 }
 
+static CORRUPTION_REPORTER: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Where the notice of an image being marked corrupt goes (QEMU's tools print "qcow2:
+/// Marking image as corrupt: ..." on stderr); by default the library prints nothing.
+pub fn set_corruption_reporter(report: fn(&str)) {
+    let _ = CORRUPTION_REPORTER.set(report);
+}
+
+fn report_corruption(notice: &str) {
+    if let Some(report) = CORRUPTION_REPORTER.get() {
+        report(notice);
+    }
+}
+
 fn corrupt(msg: String) -> Error {
     Error::new(ErrorKind::Corrupt, msg)
 }
@@ -649,6 +663,10 @@ impl FormatDriver for Qcow2Driver {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(self.geometry.cluster_size())
+    }
+
+    fn subcluster_size(&self) -> Option<u64> {
+        Some(self.geometry.subcluster_size())
     }
 
     fn amend<'a>(

@@ -209,7 +209,8 @@ impl Refcounts {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
-                    "refcount block offset {off:#x} is unaligned (reftable index {table_index})"
+                    "Refblock offset {off:#x} unaligned (reftable index: {})",
+                    super::check::c_alt_hex(table_index)
                 ),
             ));
         }

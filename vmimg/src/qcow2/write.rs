@@ -296,8 +296,12 @@ impl Qcow2Driver {
 
     /// Marks the image corrupt (header bit, no more writes) and returns the error to report.
     async fn mark_corrupt(&self, meta: &mut Meta, what: String) -> Error {
-        self.corrupt
-            .store(true, std::sync::atomic::Ordering::Release);
+        // Only the first event is told, as QEMU: the image takes no more writes after it.
+        if !self.corrupt.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            super::report_corruption(&format!(
+                "qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"
+            ));
+        }
         meta.header.incompatible_features |= super::header::incompat::CORRUPT;
         let written = match self.write_header(&meta.header).await {
             Ok(()) => self.file.sync().await,
@@ -306,6 +310,20 @@ impl Qcow2Driver {
         match written {
             Ok(()) => Error::new(ErrorKind::Corrupt, format!("{what}: image marked corrupt")),
             Err(e) => e.with_operation("mark the image corrupt"),
+        }
+    }
+
+    /// A refcount structure found broken while in use (an unaligned refblock offset) is
+    /// a corruption event, as in QEMU: the image is marked corrupt.
+    async fn signal<T>(&self, meta: &mut Meta, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e)
+                if e.kind() == ErrorKind::Corrupt
+                    && !self.corrupt.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                Err(self.mark_corrupt(meta, e.reason()).await)
+            }
+            r => r,
         }
     }
 
@@ -382,7 +400,8 @@ impl Qcow2Driver {
     }
 
     async fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
-        let (first, moved) = meta.refcounts().alloc(self.file.as_ref(), n).await?;
+        let r = meta.refcounts().alloc(self.file.as_ref(), n).await;
+        let (first, moved) = self.signal(meta, r).await?;
         self.record_move(meta, moved).await?;
         self.check_overlap(meta, first, n).await?;
         Ok(first << self.geometry.cluster_bits())
@@ -404,8 +423,9 @@ impl Qcow2Driver {
     /// Drops one reference to a host cluster; `punch` releases the space of a freed cluster.
     async fn unref_cluster(&self, meta: &mut Meta, host: u64, punch: bool) -> Result<()> {
         let c = host >> self.geometry.cluster_bits();
+        let v = meta.refcounts().get(self.file.as_ref(), c).await;
+        let v = self.signal(meta, v).await?;
         let rc = meta.refcounts();
-        let v = rc.get(self.file.as_ref(), c).await?;
         if v == 0 {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -897,9 +917,12 @@ impl Qcow2Driver {
     }
 
     async fn add_ref(&self, meta: &mut Meta, cluster: u64) -> Result<()> {
-        let rc = meta.refcounts();
-        let v = rc.get(self.file.as_ref(), cluster).await?;
-        let moved = rc.set(self.file.as_ref(), cluster, v + 1).await?;
+        let v = meta.refcounts().get(self.file.as_ref(), cluster).await;
+        let v = self.signal(meta, v).await?;
+        let moved = meta
+            .refcounts()
+            .set(self.file.as_ref(), cluster, v + 1)
+            .await?;
         self.record_move(meta, moved).await
     }
 
