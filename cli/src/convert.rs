@@ -4,7 +4,6 @@ use crate::progress::{self, Progress};
 use crate::size::parse_size;
 use crate::{cache_mode, open_image_with, usage_error, CmdResult};
 use clap::Args;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -257,16 +256,18 @@ struct CopyQueue {
     /// One slot per job read or waiting to be written: at most `jobs` buffers exist.
     slots: Arc<Semaphore>,
     writer: Option<tokio::task::JoinHandle<Result<u64, Error>>>,
-    /// Bytes written since the last report.
-    written: Arc<AtomicU64>,
+    /// Told the bytes of each job as it finishes (qemu-img's progress moves per job).
+    report: Report,
 }
 
+/// Where a copy reports each finished job's bytes.
+type Report = Arc<dyn Fn(u64) + Send + Sync>;
+
 impl CopyQueue {
-    fn new(jobs: usize, in_order: bool) -> Self {
-        let written = Arc::new(AtomicU64::new(0));
+    fn new(jobs: usize, in_order: bool, report: Report) -> Self {
         let (to_writer, writer) = if in_order {
             let (tx, mut rx) = mpsc::channel::<(Job, ReadData, OwnedSemaphorePermit)>(jobs);
-            let done = Arc::clone(&written);
+            let done = Arc::clone(&report);
             let writer = tokio::spawn(async move {
                 let mut total = 0;
                 while let Some((job, data, slot)) = rx.recv().await {
@@ -278,7 +279,7 @@ impl CopyQueue {
                     drop(slot);
                     let n = r?;
                     total += n;
-                    done.fetch_add(n, Ordering::Relaxed);
+                    done(n);
                 }
                 Ok(total)
             });
@@ -292,18 +293,25 @@ impl CopyQueue {
             to_writer,
             slots: Arc::new(Semaphore::new(jobs)),
             writer,
-            written,
+            report,
         }
     }
 
-    /// Queues a job, waiting while `jobs` are in flight; returns bytes finished meanwhile.
-    async fn push(&mut self, job: Job) -> Result<u64, Error> {
-        let mut finished = 0;
+    /// Reports a finished job (reads for the writer count nothing).
+    fn done(&self, n: u64) {
+        if n > 0 {
+            (self.report)(n);
+        }
+    }
+
+    /// Queues a job, waiting while `jobs` are in flight.
+    async fn push(&mut self, job: Job) -> Result<(), Error> {
         while self.reads.len() >= self.jobs {
-            finished += self.join_read().await?;
+            let n = self.join_read().await?;
+            self.done(n);
         }
         while let Some(r) = self.reads.try_join_next() {
-            finished += joined(r)?;
+            self.done(joined(r)?);
         }
         match &self.to_writer {
             None => {
@@ -316,7 +324,7 @@ impl CopyQueue {
                     }
                     // A failed read (or writer) must not leave us waiting for a slot.
                     Some(r) = self.reads.join_next() => {
-                        finished += joined(r)?;
+                        self.done(joined(r)?);
                         Arc::clone(&self.slots)
                             .acquire_owned()
                             .await
@@ -335,21 +343,21 @@ impl CopyQueue {
                 }
             }
         }
-        Ok(finished + self.written.swap(0, Ordering::Relaxed))
+        Ok(())
     }
 
-    /// Waits for every job; returns bytes finished meanwhile.
-    async fn finish(mut self) -> Result<u64, Error> {
-        let mut finished = 0;
+    /// Waits for every job.
+    async fn finish(mut self) -> Result<(), Error> {
         while !self.reads.is_empty() {
-            finished += self.join_read().await?;
+            let n = self.join_read().await?;
+            self.done(n);
         }
         drop(self.to_writer.take());
         if let Some(w) = self.writer.take() {
             w.await
                 .map_err(|e| Error::new(ErrorKind::Io, "copy writer failed").with_source(e))??;
         }
-        Ok(finished + self.written.swap(0, Ordering::Relaxed))
+        Ok(())
     }
 
     async fn join_read(&mut self) -> Result<u64, Error> {
@@ -526,11 +534,34 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     }
     let fresh = !args.no_create;
 
-    let bar = Progress::start(args.progress && !args.quiet, total);
-    let progress = |n: u64| progress::add(&bar, n);
+    // As qemu-img: progress counts the bytes that are copied, not the zeros skipped.
+    let show_progress = args.progress && !args.quiet;
+    let mut to_copy = 0u64;
+    if show_progress {
+        for src in &sources {
+            let mut off = 0u64;
+            while off < src.size() {
+                let st = src
+                    .block_status(off, (src.size() - off).min(STATUS_SPAN))
+                    .await?;
+                if !(st.zero() && !diff_only && sparse != 0) {
+                    to_copy += st.len;
+                }
+                off += st.len;
+            }
+        }
+    }
+    let bar = Progress::start(show_progress, to_copy).map(Arc::new);
+    let report: Report = match &bar {
+        Some(b) => {
+            let b = Arc::clone(b);
+            Arc::new(move |n| b.add(n))
+        }
+        None => Arc::new(|_| {}),
+    };
 
     let buffers = Buffers::default();
-    let mut queue = CopyQueue::new(jobs, !args.out_of_order);
+    let mut queue = CopyQueue::new(jobs, !args.out_of_order, report);
     let mut base = 0u64;
     'sources: for src in &sources {
         let size = src.size();
@@ -545,7 +576,6 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
                 if !fresh {
                     dst.write_zeroes(base + off, st.len, true).await?;
                 }
-                progress(st.len);
             } else {
                 let mut pos = off;
                 while pos < off + st.len {
@@ -561,7 +591,7 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
                         fresh,
                         diff_only,
                     };
-                    progress(queue.push(job).await?);
+                    queue.push(job).await?;
                     pos += len;
                 }
             }
@@ -571,12 +601,12 @@ pub async fn run(args: ConvertArgs) -> CmdResult {
     }
     // On a signal: the jobs in flight finish, and the target is flushed (it then passes
     // check, with what was copied so far).
-    progress(queue.finish().await?);
+    queue.finish().await?;
     // Like qemu-img convert: hand everything to the OS, without waiting for the disk.
     dst.flush().await?;
     crate::signals::check()?;
     if let Some(b) = bar {
-        b.finish();
+        b.end();
     }
     Ok(0)
 }

@@ -41,9 +41,15 @@ impl Progress {
         }
     }
 
+    /// Prints only the last line, as qemu-img convert ends: nothing copied (an empty
+    /// image) leaves the report at 0% until that line.
+    pub fn end(&self) {
+        print_line(100.0, "\n");
+    }
+
     /// Prints the end of the report.
-    pub fn finish(self) {
-        let st = self.state.into_inner().unwrap();
+    pub fn finish(&self) {
+        let st = *self.state.lock().unwrap();
         if st.1 < 100.0 {
             print_line(100.0, "");
         }
