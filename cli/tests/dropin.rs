@@ -1329,3 +1329,65 @@ fn convert_progress_counts_the_data_copied() {
         assert_eq!(ours.stdout, theirs.stdout, "{fmt}");
     }
 }
+
+/// Zeroing part of a cluster whose rest reads as zeros by its status (allocated nowhere,
+/// or a zero cluster) zeroes the whole cluster, as QEMU does; data below the rest, or an
+/// allocated cluster, makes it write zeros as data (iotests 154, 179).
+#[test]
+fn partial_zero_writes_zero_whole_clusters_as_qemu() {
+    let dir = tempdir();
+    let d = dir.path();
+    let base_writes = [
+        "write -P 0x11 34k 1k",
+        "write -P 0x11 43k 1k",
+        "write -P 0x11 5k 1k",
+    ];
+    let top_writes = [
+        "write -z 33k 1k",
+        "write -z 41k 1k",
+        "write -z 5k 2k",
+        "write -z 1k 1k",
+        "write -P 0x22 64k 4k",
+        "write -z 65k 1k",
+        "write -z 70k 10k",
+        "write -z 128M 512",
+    ];
+    for tool in ["q", "v"] {
+        let (base, top) = (format!("{tool}.base"), format!("{tool}.top"));
+        let o = "cluster_size=512";
+        qemu_img_in(d, ["create", "-q", "-f", "qcow2", "-o", o, &base, "128M"]).ok();
+        for cmd in base_writes {
+            qemu_io_in(d, ["-c", cmd, &base]).ok();
+        }
+        let o = "cluster_size=4k";
+        let b = ["-b", &base[..], "-F", "qcow2"];
+        qemu_img_in(
+            d,
+            [
+                &["create", "-q", "-f", "qcow2", "-o", o][..],
+                &b,
+                &[&top, "134219776"],
+            ]
+            .concat(),
+        )
+        .ok();
+        for cmd in top_writes {
+            if tool == "q" {
+                qemu_io_in(d, ["-c", cmd, &top]).ok();
+            } else {
+                vmimg_in(d, ["io", "-c", cmd, &top]).ok();
+            }
+        }
+    }
+    let map = |t: &str| {
+        qemu_img_in(d, ["map", "--output=json", &format!("{t}.top")])
+            .ok()
+            .stdout
+    };
+    let strip = |m: String| {
+        m.lines()
+            .map(|l| l.split(", \"offset").next().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(map("v")), strip(map("q")));
+}

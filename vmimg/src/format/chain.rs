@@ -49,6 +49,41 @@ impl<'a> ChainView<'a> {
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         read_chain(self.layers, offset, vec![buf]).await
     }
+
+    /// Whether `[offset, offset + len)` is known to read as zeros from allocation status
+    /// alone (zero clusters, holes, or nothing allocated in any layer), without reading data.
+    pub async fn known_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        let end = offset + len;
+        let mut pos = offset;
+        'runs: while pos < end {
+            let mut n = end - pos;
+            for layer in self.layers {
+                if pos >= layer.size() {
+                    // Past the end of a shorter layer: zeros.
+                    break;
+                }
+                n = n.min(layer.size() - pos);
+                if layer.status_unknown() {
+                    return Ok(false);
+                }
+                let m = layer.map(pos, n, MapQuery::Status).await?;
+                if m.len == 0 || m.len > n {
+                    return Err(bad_mapping(layer.as_ref(), pos, m.len));
+                }
+                n = m.len;
+                match m.kind {
+                    MapKind::Zero { .. } | MapKind::DataZero { .. } => {
+                        pos += n;
+                        continue 'runs;
+                    }
+                    MapKind::Unallocated => {}
+                    _ => return Ok(false),
+                }
+            }
+            pos += n;
+        }
+        Ok(true)
+    }
 }
 
 /// A slice type that can be cut in two (shared and exclusive byte slices).

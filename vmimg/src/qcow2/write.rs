@@ -1078,6 +1078,26 @@ impl Qcow2Driver {
         })
     }
 
+    /// Whether the rest of cluster `[c_start, c_end)` around `[pos, piece_end)` reads as
+    /// zeros by status alone: a zero cluster, or unallocated with nothing but zeros below
+    /// there (data that happens to be zero counts as data, as in QEMU).
+    async fn rest_reads_zero(
+        &self,
+        (c_start, c_end): (u64, u64),
+        (pos, piece_end): (u64, u64),
+        below: ChainView<'_>,
+    ) -> Result<bool> {
+        let (state, _) = self.map_run(c_start, c_end - c_start).await?;
+        match state {
+            ClusterState::Zero(_) => Ok(true),
+            ClusterState::Unallocated => Ok(below.known_zero(c_start, pos - c_start).await?
+                && below
+                    .known_zero(piece_end, c_end.max(piece_end) - piece_end)
+                    .await?),
+            _ => Ok(false),
+        }
+    }
+
     /// Zeroes `[offset, offset + len)`: whole clusters by metadata where the format allows,
     /// the rest by writing zeros.
     pub(super) async fn write_zeroes_impl(
@@ -1092,7 +1112,16 @@ impl Qcow2Driver {
         for (pos, piece_end, c_start, whole) in self.cluster_pieces(offset, len) {
             let c_end = (c_start + self.geometry.cluster_size())
                 .min(self.size.load(std::sync::atomic::Ordering::Acquire));
-            if whole && v3 && !raw_data {
+            // As QEMU: part of a cluster that reads as zeros by its status (zero, or
+            // allocated nowhere below) zeroes the whole cluster instead of writing data.
+            let zero_whole = whole
+                || (v3
+                    && !raw_data
+                    && !self.geometry.extended_l2()
+                    && self
+                        .rest_reads_zero((c_start, c_end), (pos, piece_end), below)
+                        .await?);
+            if zero_whole && v3 && !raw_data {
                 let extended = self.geometry.extended_l2();
                 let data_file = self.has_data_file();
                 self.set_cluster(
