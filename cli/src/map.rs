@@ -148,6 +148,10 @@ pub async fn run(args: MapArgs) -> CmdResult {
                         "File contains external, encrypted or compressed clusters.",
                     ));
                 };
+                // As qemu-img: preallocated clusters that read as zeros are not listed.
+                if e.zero {
+                    continue;
+                }
                 let file = e
                     .file
                     .as_ref()

@@ -1391,3 +1391,57 @@ fn partial_zero_writes_zero_whole_clusters_as_qemu() {
     };
     assert_eq!(strip(map("v")), strip(map("q")));
 }
+
+/// iotest 250: a metadata-preallocated image is created with QEMU's bytes and holes, the
+/// clusters a discard frees are reused by the next writes of the same session (host
+/// offsets as QEMU's), map lists no preallocated zero clusters, and a shrink frees as much
+/// space as qemu-img's.
+#[test]
+fn discarded_clusters_are_reused_and_shrink_frees_as_qemu() {
+    let dir = tempdir();
+    let d = dir.path();
+    let o = "cluster_size=1M,preallocation=metadata";
+    qemu_img_in(
+        d,
+        ["create", "-q", "-f", "qcow2", "-o", o, "q.qcow2", "2100M"],
+    )
+    .ok();
+    vmimg_in(
+        d,
+        ["create", "-q", "-f", "qcow2", "-o", o, "v.qcow2", "2100M"],
+    )
+    .ok();
+    // The metadata: the first 5 MiB (past them the file is a hole in both).
+    let head = |f: &str| {
+        use std::io::Read;
+        let mut b = vec![0u8; 5 << 20];
+        std::fs::File::open(d.join(f))
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        (b, std::fs::metadata(d.join(f)).unwrap().len())
+    };
+    assert!(head("v.qcow2") == head("q.qcow2"));
+    assert_eq!(allocated(&d.join("v.qcow2")), allocated(&d.join("q.qcow2")));
+    let cmds = [
+        "-c",
+        "discard 0 10M",
+        "-c",
+        "discard 2090M 10M",
+        "-c",
+        "write 2090M 10M",
+        "-c",
+        "write 0 10M",
+    ];
+    qemu_io_in(d, [&cmds[..], &["q.qcow2"]].concat()).ok();
+    vmimg_in(d, [&["io"][..], &cmds, &["v.qcow2"]].concat()).ok();
+    let theirs = qemu_img_in(d, ["map", "q.qcow2"]).ok().stdout;
+    let ours = vmimg_in(d, ["map", "v.qcow2"]).ok().stdout;
+    assert_eq!(ours.replace("v.qcow2", "q.qcow2"), theirs);
+    assert!(theirs.contains("0x82f00000"), "{theirs}");
+    let before = [allocated(&d.join("q.qcow2")), allocated(&d.join("v.qcow2"))];
+    qemu_img_in(d, ["resize", "-q", "--shrink", "q.qcow2", "5M"]).ok();
+    vmimg_in(d, ["resize", "-q", "--shrink", "v.qcow2", "5M"]).ok();
+    let after = [allocated(&d.join("q.qcow2")), allocated(&d.join("v.qcow2"))];
+    assert_eq!(before[1] - after[1], before[0] - after[0]);
+}

@@ -360,10 +360,10 @@ impl Qcow2Create {
             file.write_at((blocks_at + i) * cs, &block).await?;
         }
 
-        // Without preallocation the file ends right after the L1 entries, as QEMU's does
-        // (the rest of the cluster is past the end and reads as zeros). A block device gets
-        // the whole cluster written over its old bytes.
-        let l1_len = if prealloc || file.is_block_device() {
+        // Only the L1 entries are written, as QEMU writes them: without preallocation the
+        // file ends right after them, with it the rest of the cluster is a hole (both read
+        // as zeros). A block device gets the whole cluster written over its old bytes.
+        let l1_len = if file.is_block_device() {
             l1_clusters * cs
         } else {
             l1_size * 8

@@ -355,6 +355,26 @@ impl Refcounts {
         self.entries_per_block() / 2
     }
 
+    /// Whether `n` contiguous clusters could be allocated inside the file as it is, when
+    /// clusters freed since the last flush wait to be reusable (`None` when none wait).
+    pub async fn fits_in_file(&mut self, file: &dyn Storage, n: u64) -> Result<Option<bool>> {
+        if self.quarantine.is_empty() {
+            return Ok(None);
+        }
+        let end = file.size()?.div_ceil(self.geometry.cluster_size());
+        let (mut start, mut run) = (self.free_hint, 0);
+        while run < n && start + n <= end {
+            let c = start + run;
+            if !self.quarantine.contains(&c) && self.get(file, c).await? == 0 {
+                run += 1;
+            } else {
+                start = c + 1;
+                run = 0;
+            }
+        }
+        Ok(Some(run == n))
+    }
+
     /// Allocates `n` (at most [`Refcounts::max_run`]) contiguous free clusters with refcount
     /// 1 and returns the first. Freed clusters are reused; past the last counted cluster
     /// everything is free.

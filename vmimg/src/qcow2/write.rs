@@ -400,6 +400,12 @@ impl Qcow2Driver {
     }
 
     async fn alloc_clusters(&self, meta: &mut Meta, n: u64) -> Result<u64> {
+        // Clusters freed since the last flush are reused before the file grows, as QEMU
+        // reuses them: making the tables that dropped them durable lets them go.
+        let fits = meta.refcounts().fits_in_file(self.file.as_ref(), n).await;
+        if self.signal(meta, fits).await? == Some(false) {
+            self.flush_locked(meta, true).await?;
+        }
         let r = meta.refcounts().alloc(self.file.as_ref(), n).await;
         let (first, moved) = self.signal(meta, r).await?;
         self.record_move(meta, moved).await?;
@@ -1078,24 +1084,25 @@ impl Qcow2Driver {
         })
     }
 
-    /// Whether the rest of cluster `[c_start, c_end)` around `[pos, piece_end)` reads as
-    /// zeros by status alone: a zero cluster, or unallocated with nothing but zeros below
-    /// there (data that happens to be zero counts as data, as in QEMU).
-    async fn rest_reads_zero(
+    /// For part `[pos, piece_end)` of cluster `[c_start, c_end)`: `None` when the cluster
+    /// holds data, else whether the rest of it reads as zeros below (allocated nowhere, or
+    /// holes and zero clusters). Data that happens to be zero counts as data, as in QEMU.
+    async fn rest_zero_below(
         &self,
         (c_start, c_end): (u64, u64),
         (pos, piece_end): (u64, u64),
         below: ChainView<'_>,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         let (state, _) = self.map_run(c_start, c_end - c_start).await?;
-        match state {
-            ClusterState::Zero(_) => Ok(true),
-            ClusterState::Unallocated => Ok(below.known_zero(c_start, pos - c_start).await?
+        if !matches!(state, ClusterState::Zero(_) | ClusterState::Unallocated) {
+            return Ok(None);
+        }
+        Ok(Some(
+            below.known_zero(c_start, pos - c_start).await?
                 && below
                     .known_zero(piece_end, c_end.max(piece_end) - piece_end)
-                    .await?),
-            _ => Ok(false),
-        }
+                    .await?,
+        ))
     }
 
     /// Zeroes `[offset, offset + len)`: whole clusters by metadata where the format allows,
@@ -1114,19 +1121,31 @@ impl Qcow2Driver {
                 .min(self.size.load(std::sync::atomic::Ordering::Acquire));
             // As QEMU: part of a cluster that reads as zeros by its status (zero, or
             // allocated nowhere below) zeroes the whole cluster instead of writing data.
-            let zero_whole = whole
-                || (v3
-                    && !raw_data
-                    && !self.geometry.extended_l2()
-                    && self
-                        .rest_reads_zero((c_start, c_end), (pos, piece_end), below)
-                        .await?);
-            if zero_whole && v3 && !raw_data {
+            // The cluster's own state is looked at again under the lock, where it counts:
+            // a racing write may have filled the cluster meanwhile.
+            let partial =
+                !whole && v3 && !raw_data && !self.geometry.extended_l2() && !self.has_data_file();
+            let below_zero = if partial {
+                self.rest_zero_below((c_start, c_end), (pos, piece_end), below)
+                    .await?
+            } else {
+                None
+            };
+            if (whole || below_zero.is_some()) && v3 && !raw_data {
                 let extended = self.geometry.extended_l2();
                 let data_file = self.has_data_file();
+                let zeroed = std::sync::atomic::AtomicBool::new(false);
                 self.set_cluster(
                     c_start,
                     |old| {
+                        let plain = old.entry & l2::COMPRESSED == 0;
+                        let reads_zero = plain
+                            && (old.entry & ZERO != 0
+                                || (old.entry & L2_OFFSET_MASK == 0 && below_zero == Some(true)));
+                        if !whole && !reads_zero {
+                            return (old, false);
+                        }
+                        zeroed.store(true, std::sync::atomic::Ordering::Relaxed);
                         let host = old.entry & L2_OFFSET_MASK;
                         let keep = !unmap
                             && old.entry & COPIED != 0
@@ -1149,6 +1168,10 @@ impl Qcow2Driver {
                     unmap,
                 )
                 .await?;
+                if !zeroed.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.write_buf(pos, &vec![0u8; (piece_end - pos) as usize], below)
+                        .await?;
+                }
             } else if v3 && !raw_data && self.geometry.extended_l2() && !whole {
                 // Whole subclusters get their zero bit; partial ones are written.
                 let sc = self.geometry.subcluster_size();
@@ -1446,6 +1469,8 @@ impl Qcow2Driver {
             self.prepare(&mut meta).await?;
             let first_cluster = new_size.div_ceil(cs);
             let l1_len = self.l1.read().unwrap().len() as u64;
+            // Host clusters of the cut data, released on the medium at the end.
+            let mut cut = Vec::new();
             for l1_index in first_cluster / g.l2_entries()..l1_len {
                 let l1e = self.l1.read().unwrap()[l1_index as usize];
                 if l1e & L1_OFFSET_MASK == 0 {
@@ -1467,7 +1492,11 @@ impl Qcow2Driver {
                                 bitmap: 0,
                             },
                         );
-                        self.release_entry(&mut meta, e, true).await?;
+                        let host = e.entry & L2_OFFSET_MASK;
+                        if e.entry & l2::COMPRESSED == 0 && host != 0 && !self.has_data_file() {
+                            cut.push(host);
+                        }
+                        self.release_entry(&mut meta, e, false).await?;
                     }
                 }
             }
@@ -1495,6 +1524,23 @@ impl Qcow2Driver {
             // header shows the new size: a crash in between must not leave the new size
             // with old mappings past it (a later grow would expose them).
             self.flush_locked(&mut meta, true).await?;
+            // The freed space goes in host order, a run at a time, as QEMU's discards: a
+            // cluster at a time would split the file's extents needlessly (more blocks
+            // of file-system metadata than QEMU's file has, iotest 250).
+            cut.sort_unstable();
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for host in cut {
+                if meta.refcounts().get(self.file.as_ref(), host / cs).await? != 0 {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((_, end)) if *end == host => *end += cs,
+                    _ => runs.push((host, host + cs)),
+                }
+            }
+            for (start, end) in runs {
+                self.file.discard(start, end - start).await?;
+            }
             meta.header.size = new_size;
             self.write_header(&meta.header).await?;
             self.size
