@@ -238,7 +238,8 @@ pub async fn rebase(args: RebaseArgs) -> CmdResult {
         // The run the image itself leaves unallocated, whatever layer below answers.
         let mut run_end = off + st.len;
         while run_end < size && run_end - off < CHUNK {
-            let next = img.block_status(run_end, CHUNK - (run_end - off)).await?;
+            let span = (CHUNK - (run_end - off)).min(size - run_end);
+            let next = img.block_status(run_end, span).await?;
             if next.depth == 0 && next.present() {
                 break;
             }

@@ -1242,7 +1242,7 @@ fn rebase_copies_the_clusters_qemu_img_copies() {
     let d = dir.path();
     // Size, then qemu-io commands for the old backing file, the new one and the image.
     type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
-    let setups: [Case; 2] = [
+    let setups: [Case; 3] = [
         // 024: old 11 11 -- 11, new -- 22 22 11.
         (
             "1M",
@@ -1260,6 +1260,13 @@ fn rebase_copies_the_clusters_qemu_img_copies() {
                 "write -P 0x11 256k 64k",
             ],
             &["write -P 0x22 0 128k", "write -P 0x11 128k 128k"],
+        ),
+        // Smaller than a copy chunk, the unallocated run made of several backing runs.
+        (
+            "384k",
+            &["write -P 0x11 0 64k", "write -P 0x11 256k 64k"],
+            &["write -P 0x11 0 64k"],
+            &["write -P 0x33 320k 64k"],
         ),
     ];
     for (i, (size, old, new, top)) in setups.iter().enumerate() {
