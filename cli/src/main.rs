@@ -155,12 +155,8 @@ pub async fn open_image_with(
     format: Option<&str>,
     opts: OpenOptions,
 ) -> Result<Image, Error> {
-    let opts = if UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed) {
-        opts.untrusted(true)
-    } else {
-        opts
-    };
     if image_opts() {
+        let opts = untrusted_if_asked(opts);
         let mut node = blockopts::Node::parse_keyval(path)?;
         if let Some(f) = format {
             node.insert("driver", blockopts::Val::Str(f.to_string()))?;
@@ -172,6 +168,15 @@ pub async fn open_image_with(
     open_named_image(path, format, opts).await
 }
 
+/// `opts` for untrusted images when `--untrusted` was given.
+fn untrusted_if_asked(opts: OpenOptions) -> OpenOptions {
+    if UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed) {
+        opts.untrusted(true)
+    } else {
+        opts
+    }
+}
+
 /// Opens the image file `path` (or the image a `json:` or protocol name describes), also
 /// under `--image-opts` (the files an image names are file names).
 pub async fn open_named_image(
@@ -179,11 +184,7 @@ pub async fn open_named_image(
     format: Option<&str>,
     opts: OpenOptions,
 ) -> Result<Image, Error> {
-    let opts = if UNTRUSTED.load(std::sync::atomic::Ordering::Relaxed) {
-        opts.untrusted(true)
-    } else {
-        opts
-    };
+    let opts = untrusted_if_asked(opts);
     let image = if blockopts::is_special(path) {
         // json:, blkdebug:, file: and the other names QEMU gives block-node options.
         blockopts::open_name(path, format, opts)
