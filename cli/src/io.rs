@@ -221,20 +221,15 @@ impl Session {
 
     /// qemu-io's `info`: format name, cluster size, the offset of the VM state (qcow2's:
     /// the first L1 entry past the disk), then the format's own information.
-    fn info(&self) -> String {
+    /// `Err(name)` for a driver without information (null-co), which qemu-io reports by
+    /// its name and a failure.
+    fn info(&self) -> Result<String, String> {
         let image = self.image();
         let desc = image.describe();
         let cluster = desc.cluster_size.unwrap_or(0);
         let specific = desc.format_specific.as_ref().map(|f| f.human(4));
         let vm_state = if image.format() == vmimg::Format::QCOW2 && cluster > 0 {
-            let entry = if specific
-                .as_deref()
-                .is_some_and(|t| t.contains("extended l2: true"))
-            {
-                16
-            } else {
-                8
-            };
+            let entry = if extended_l2(image) { 16 } else { 8 };
             let coverage = cluster * (cluster / entry);
             image.size().div_ceil(coverage) * coverage
         } else {
@@ -255,7 +250,7 @@ impl Session {
             .filter(|d| crate::blockopts::is_protocol(d))
             .unwrap_or_else(|| image.format().name().to_string());
         if matches!(name.as_str(), "null-co" | "null-aio") {
-            return format!("format name: {name}\n(no driver information)");
+            return Err(format!("format name: {name}"));
         }
         let mut s = format!(
             "format name: {}\ncluster size: {}\nvm state offset: {}\n",
@@ -267,7 +262,7 @@ impl Session {
             s += "Format specific information:\n";
             s += &f;
         }
-        s
+        Ok(s)
     }
 
     /// qemu-io's `open [-rsnCkU] [-t CACHE] [-o OPTIONS] [FILE]` (OPTIONS: `driver=FMT`,
@@ -350,11 +345,7 @@ impl Session {
     async fn copy_on_read(&self, off: u64, len: u64) -> Result<(), String> {
         let img = self.image();
         // QEMU copies whole subclusters (1/32 of a cluster with extended L2 entries).
-        let extended = img
-            .describe()
-            .format_specific
-            .is_some_and(|f| f.human(0).contains("extended l2: true"));
-        let cs = img.cluster_size().unwrap_or(512).max(512) / if extended { 32 } else { 1 };
+        let cs = img.cluster_size().unwrap_or(512).max(512) / if extended_l2(img) { 32 } else { 1 };
         let (start, end) = (
             off / cs * cs,
             (off + len).div_ceil(cs).saturating_mul(cs).min(img.size()),
@@ -541,18 +532,19 @@ impl Session {
             "discard" | "d" => self.discard(rest).await,
             "flush" | "f" => self.image().sync().await.map_err(|e| failed("flush", &e)),
             "truncate" | "t" => self.truncate(rest).await,
-            "info" | "i" => {
-                let s = self.info();
-                if let Some(name) = s.strip_suffix("\n(no driver information)") {
-                    // As qemu-io for a driver without information (null-co): the name
-                    // twice, and the command fails.
-                    self.say(name);
-                    self.say(name);
+            "info" | "i" => match self.info() {
+                Ok(s) => {
+                    self.say(s.trim_end());
+                    Ok(())
+                }
+                Err(name) => {
+                    // As qemu-io for a driver without information: the name twice, and
+                    // the command fails.
+                    self.say(&name);
+                    self.say(&name);
                     return false;
                 }
-                self.say(s.trim_end());
-                Ok(())
-            }
+            },
             "length" | "l" => {
                 let s = io_size(self.image().size() as f64);
                 self.say(&s);
@@ -970,6 +962,14 @@ fn failed(verb: &str, e: &vmimg::Error) -> String {
     let text = std::io::Error::from_raw_os_error(errno).to_string();
     let text = text.split(" (os error").next().unwrap_or_default();
     format!("{verb} failed: {text}")
+}
+
+/// Whether the image's L2 entries are extended (subclusters of 1/32 of a cluster), as its
+/// format-specific information says.
+fn extended_l2(img: &Image) -> bool {
+    img.describe()
+        .format_specific
+        .is_some_and(|f| f.human(0).contains("extended l2: true"))
 }
 
 /// Whether block-node options put QEMU's copy-on-read filter on top.

@@ -6,18 +6,8 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// Symlinks to vmimg named as QEMU's tools, in `dir/bin`.
-fn ours(dir: &Path) -> PathBuf {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for t in ["qemu-img", "qemu-io"] {
-        std::os::unix::fs::symlink(vmimg_bin(), bin.join(t)).unwrap();
-    }
-    bin
-}
 
 /// Exit status and both outputs (stderr first), with qemu-io's timing lines removed.
 fn run(tool: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
@@ -51,7 +41,7 @@ fn same(d: &Path, tool: &str, args: &[&str]) -> String {
 fn setup() -> tempfile::TempDir {
     let dir = tempdir();
     let d = dir.path();
-    ours(d);
+    qemu_named_symlinks(d);
     qemu_img_in(d, ["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]).ok();
     qemu_io_in(d, ["-c", "write -P 0x5a 0 64k", "a.qcow2"]).ok();
     dir
@@ -223,7 +213,7 @@ fn open_failures_are_worded_as_qemu_words_them() {
 fn raw_create_writes_the_first_block_as_qemu_does() {
     let dir = tempdir();
     let d = dir.path();
-    ours(d);
+    qemu_named_symlinks(d);
     for size in ["1M", "2048"] {
         run(
             &d.join("bin/qemu-img"),
@@ -292,7 +282,7 @@ fn commit_base_names_resolve_as_qemu_img_resolves_them() {
     for tool in ["ours", "qemu"] {
         let dir = tempdir();
         let d = dir.path();
-        ours(d);
+        qemu_named_symlinks(d);
         std::fs::create_dir(d.join("sub")).unwrap();
         qemu_img_in(d, ["create", "-q", "-f", "qcow2", "sub/b.qcow2", "1M"]).ok();
         for (img, back) in [("sub/m.qcow2", "b.qcow2"), ("sub/t.qcow2", "m.qcow2")] {
@@ -405,7 +395,7 @@ fn raw_windows_reopen_options_and_file_types() {
 fn the_compress_filter_writes_compressed_clusters() {
     let dir = tempdir();
     let d = dir.path();
-    ours(d);
+    qemu_named_symlinks(d);
     let opts = |f: &str| {
         format!("driver=compress,file.driver=qcow2,file.file.driver=file,file.file.filename={f}")
     };
@@ -451,7 +441,7 @@ fn the_compress_filter_writes_compressed_clusters() {
 fn copy_on_read_allocates_what_reads_take_from_the_backing_file() {
     let dir = tempdir();
     let d = dir.path();
-    ours(d);
+    qemu_named_symlinks(d);
     qemu_img_in(d, ["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]).ok();
     qemu_io_in(d, ["-c", "write -P 0x33 64k 1M", "base.qcow2"]).ok();
     let mut maps = Vec::new();

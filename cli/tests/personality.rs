@@ -5,18 +5,8 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// A directory holding symlinks to vmimg named as QEMU's tools.
-fn tools(dir: &Path) -> PathBuf {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for t in ["qemu-img", "qemu-io", "qemu-nbd"] {
-        std::os::unix::fs::symlink(vmimg_bin(), bin.join(t)).unwrap();
-    }
-    bin
-}
 
 fn run(tool: &Path, args: &[&str], cwd: &Path) -> (i32, String, String) {
     let out = Command::new(tool)
@@ -38,7 +28,7 @@ fn run(tool: &Path, args: &[&str], cwd: &Path) -> (i32, String, String) {
 fn symlinks_named_as_qemu_tools_behave_as_them() {
     let dir = tempdir();
     let d = dir.path();
-    let bin = tools(d);
+    let bin = qemu_named_symlinks(d);
     let (img, io, nbd) = (
         bin.join("qemu-img"),
         bin.join("qemu-io"),
@@ -96,7 +86,7 @@ fn symlinks_named_as_qemu_tools_behave_as_them() {
 fn qemu_io_commands_of_the_suite_match_qemu_io() {
     let dir = tempdir();
     let d = dir.path();
-    let bin = tools(d);
+    let bin = qemu_named_symlinks(d);
     for img in ["q.qcow2", "v.qcow2"] {
         qemu_img_in(d, ["create", "-q", "-f", "qcow2", img, "4M"]).ok();
     }
@@ -143,7 +133,7 @@ fn qemu_io_commands_of_the_suite_match_qemu_io() {
 fn qemu_io_open_and_close_match_qemu_io() {
     let dir = tempdir();
     let d = dir.path();
-    let bin = tools(d);
+    let bin = qemu_named_symlinks(d);
     qemu_img_in(d, ["create", "-q", "-f", "qcow2", "o.qcow2", "1M"]).ok();
     qemu_io_in(d, ["-c", "write -P 0x33 0 4k", "o.qcow2"]).ok();
     let cmds = [
@@ -189,7 +179,7 @@ fn qemu_io_open_and_close_match_qemu_io() {
 fn qemu_io_snapshot_mode_and_partial_patterns_match_qemu_io() {
     let dir = tempdir();
     let d = dir.path();
-    let bin = tools(d);
+    let bin = qemu_named_symlinks(d);
     for img in ["q.raw", "v.raw"] {
         qemu_img_in(d, ["create", "-q", "-f", "raw", img, "4M"]).ok();
     }
@@ -227,7 +217,7 @@ fn qemu_io_snapshot_mode_and_partial_patterns_match_qemu_io() {
 fn qemu_io_reopen_matches_qemu_io() {
     let dir = tempdir();
     let d = dir.path();
-    let bin = tools(d);
+    let bin = qemu_named_symlinks(d);
     qemu_img_in(d, ["create", "-q", "-f", "qcow2", "r.qcow2", "64M"]).ok();
     for cmds in [
         &["-r", "-c", "write 0 64k"][..],

@@ -8,6 +8,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// `dir/bin` holding symlinks to vmimg named as QEMU's tools (its personalities).
+pub fn qemu_named_symlinks(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for t in ["qemu-img", "qemu-io", "qemu-nbd"] {
+        std::os::unix::fs::symlink(vmimg_bin(), bin.join(t)).unwrap();
+    }
+    bin
+}
+
 /// The vmimg binary under test.
 pub fn vmimg_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmimg"))
